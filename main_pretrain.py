@@ -1,0 +1,125 @@
+"""MAE pre-training of (lightweight) ViTs.
+
+  # demo: the embedded digits data, a demo-sized MAE, a couple of minutes on a laptop CPU
+  python main_pretrain.py
+  # MAE-Lite ViT-Tiny on ImageNet-1k, 8 GPUs (effective batch 4096 = 512 x 8)
+  torchrun --nproc_per_node 8 main_pretrain.py --model mae_vit_tiny --batch_size 512 --data_path /data/imagenet
+  # official MAE crop (scale 0.2, bicubic) instead of MAE-Lite's (0.08, random interpolation)
+  ... --min_crop_scale 0.2 --interpolation bicubic
+
+References:
+  MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022.
+  MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023
+             (Tiny recipe: 400 epochs, norm-pix loss, crop scale 0.08 with random interpolation).
+"""
+import argparse
+import logging
+import os
+import time
+
+import torch
+
+import masking
+import models_mae
+from util import dist
+from util.args import common_parser, fill_defaults, resolve_lr
+from util.checkpoint import resume, save_checkpoint, unwrap_model
+from util.data import SafeImageFolder, build_loader, dataset_root, pretrain_transform
+from util.engine import make_scaler, train_one_epoch
+from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.optim import adamw
+from util.rng import seed_everything
+
+log = logging.getLogger('mim')
+
+DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=224, batch_size=64, epochs=400, warmup_epochs=40,
+                blr=1.5e-4, weight_decay=0.05)
+DEMO_DEFAULTS = dict(model='mae_vit_demo_patch4', input_size=32, batch_size=64, epochs=20, warmup_epochs=2,
+                     blr=1.5e-3)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MAE pre-training', parents=[common_parser()])
+    g = p.add_argument_group('MAE')
+    g.add_argument('--model', default=None,
+                   help=f'MAE factory in models_mae.py (default {DEFAULTS["model"]}; short names like mae_vit_tiny '
+                        'work)')
+    g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
+    g.add_argument('--shared_mask', action='store_true',
+                   help='one random mask for the whole batch (MAE-priv) instead of one per image')
+    g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
+                   help='targets are patches normalised by their own mean/std (on in MAE-Lite and the best MAE runs)')
+    g.add_argument('--min_crop_scale', type=float, default=0.08,
+                   help='RandomResizedCrop scale lower bound: 0.08 MAE-Lite, 0.2 official MAE')
+    g.add_argument('--interpolation', default='random', choices=['random', 'bicubic', 'bilinear'],
+                   help="crop resize interpolation: 'random' MAE-Lite, 'bicubic' official MAE")
+    g.add_argument('--drop_path', type=float, default=0.0, help='stochastic depth in the encoder')
+    return p
+
+
+def main(args):
+    dist.init_distributed_mode(args)
+    setup_logging(args.rank, args.output_dir)
+    fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
+    seed_everything(args.seed + args.rank)
+
+    root = dataset_root(args.data_path, 'train')
+    dataset = SafeImageFolder(root, pretrain_transform(args.input_size, args.min_crop_scale, args.interpolation))
+    loader = build_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, train=True, seed=args.seed)
+    if len(loader) == 0:
+        raise ValueError(f'{root} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
+                         f'({args.world_size} processes); lower --batch_size')
+
+    model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                    drop_path_rate=args.drop_path).to(args.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
+                                                          else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    resolve_lr(args)
+    optimizer = adamw(model_without_ddp, args, betas=(0.9, 0.95))
+    scaler = make_scaler(args)
+    start_epoch = resume(args, model_without_ddp, optimizer, scaler)
+
+    log.info(f'{args.model}: {n_parameters / 1e6:.2f}M trainable parameters; data {root}: {len(dataset)} images')
+    log.info(f'blr {args.blr:.3g}  lr {args.lr:.3g}  effective batch {args.eff_batch_size} '
+             f'({args.batch_size} x {args.accum_iter} accum x {args.world_size} processes)')
+    log.info('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    log_writer = make_tb_writer(args.log_dir)
+
+    def step(model, images, targets):
+        noise = None
+        if args.shared_mask:
+            noise = masking.random_noise(images.shape[0], unwrap_model(model).patch_embed.num_patches,
+                                         device=images.device, shared=True)
+        loss, _, _ = model(images, mask_ratio=args.mask_ratio, noise=noise)
+        return loss, {}
+
+    if start_epoch >= args.epochs:
+        log.info(f'nothing to do: training already finished {args.epochs} epochs')
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, step, loader, optimizer, epoch, args, scaler, log_writer=log_writer)
+        names = ['last']
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            names.append(str(epoch))
+        save_checkpoint(args, epoch, model, optimizer, scaler, names)
+        write_epoch_log(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
+                                          'n_parameters': n_parameters})
+    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    if log_writer is not None:
+        log_writer.close()
+    dist.cleanup()
+    return model_without_ddp
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    main(args)

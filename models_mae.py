@@ -1,0 +1,234 @@
+"""Masked autoencoder with a ViT encoder.
+
+References:
+  MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (method, FB layout).
+  MAE-Lite - Wang et al., ICML 2023 (Tiny/Small presets with one-block decoders; the 13-block D² student).
+"""
+import torch
+import torch.nn as nn
+
+import masking
+from models_vit import Block, PatchEmbed, init_weights, lookup
+from util.pos_embed import get_2d_sincos_pos_embed
+
+
+def patchify(imgs, p):
+    """[N, C, h*p, w*p] -> [N, h*w, p*p*C], channel last within a patch ((p, q, c) order, as the official MAE)."""
+    N, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(N, C, h, p, w, p)
+    x = torch.einsum('nchpwq->nhwpqc', x)
+    return x.reshape(N, h * w, p * p * C)
+
+
+def unpatchify(x, p, in_chans=3):
+    """[N, h*w, p*p*C] -> [N, C, h*p, w*p]; the inverse of `patchify` for a square grid."""
+    N, L, _ = x.shape
+    h = w = int(L ** 0.5)
+    if h * w != L:
+        raise ValueError(f'unpatchify needs a square token grid, got {L} tokens')
+    x = x.reshape(N, h, w, p, p, in_chans)
+    x = torch.einsum('nhwpqc->nchpwq', x)
+    return x.reshape(N, in_chans, h * p, w * p)
+
+
+def patch_targets(patches, norm_pix_loss):
+    """Reconstruction targets: raw pixels, or each patch normalised by its own mean and unbiased variance."""
+    if not norm_pix_loss:
+        return patches
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)  # unbiased, as the official MAE
+    return (patches - mean) / (var + 1e-6) ** 0.5
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: the encoder sees only the visible patches; a light decoder reconstructs the masked ones.
+
+    Encoder keys (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.*`, `norm`) equal the ViT's, so the encoder
+    part of a checkpoint loads into `models_vit.VisionTransformer` by name.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False,
+                 drop_path_rate=0.0):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed sin-cos, stored as a frozen parameter so it is part of the state dict (official layout)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.embed_dim, grid, cls_token=True).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token', 'mask_token', 'decoder_pos_embed'}
+
+    def patchify(self, imgs):
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        return unpatchify(x, self.patch_size, self.in_chans)
+
+    def forward_encoder(self, patches, ids_keep, return_layers=(), extras_at=()):
+        """Encode the kept patches only.
+
+        Args: patches [N, L, p*p*C] (all patches, (p, q, c) order); ids_keep [N, K].
+            `return_layers`/`extras_at`: block indices whose outputs / attention extras to hand out (distillation).
+        Returns: latent [N, 1+K, D] after `norm`; with return_layers or extras_at also (layer outputs, extras).
+        """
+        # embedding only the kept patches is the same as embedding all and then dropping, at a quarter of the cost
+        x = self.patch_embed.embed_patches(masking.gather_tokens(patches, ids_keep))  # [N, K, D]
+        pos = self.pos_embed[0, 1:].unsqueeze(0).expand(x.shape[0], -1, -1)  # [N, L, D]
+        x = x + masking.gather_tokens(pos, ids_keep)  # [N, K, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
+        outs, extras = [], {}
+        for i, blk in enumerate(self.blocks):
+            e = {} if i in extras_at else None
+            x = blk(x, e)
+            if e is not None:
+                extras[i] = e
+            if i in return_layers:
+                outs.append(x)
+        x = self.norm(x)
+        if return_layers or extras_at:
+            return x, outs, extras
+        return x
+
+    def forward_decoder(self, latent, ids_restore):
+        """Args: latent [N, 1+K, D]; ids_restore [N, L]. Returns predictions [N, L, p*p*C] (cls dropped)."""
+        x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        N, K1, Dd = x.shape
+        L = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(N, L + 1 - K1, -1)], dim=1)  # [N, 1+L, Dd], kept tokens first
+        # one gather puts every token back in place: cls stays at 0, token j comes from 1 + ids_restore[:, j]
+        index = torch.cat([ids_restore.new_zeros(N, 1), ids_restore + 1], dim=1)  # [N, 1+L]
+        x = masking.gather_tokens(x, index) + self.decoder_pos_embed  # [N, 1+L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p*p*C]
+        return x[:, 1:]
+
+    def forward_loss(self, patches, pred, mask):
+        """Mean squared error per patch, averaged over the masked patches only.
+
+        Args: patches [N, L, p*p*C] (pixels), pred [N, L, p*p*C], mask [N, L] (1 = removed)."""
+        target = patch_targets(patches, self.norm_pix_loss)
+        loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, mask=None, return_ids=False):
+        """Args:
+            imgs [N, C, H, W]; mask_ratio (0 encodes every patch);
+            noise [N, L] (optional): decides the mask (smallest kept), for reproducible runs;
+            mask [N, L] (optional, 1 = removed, same count per row): use exactly this mask.
+        Returns: loss, pred [N, L, p*p*C], mask [N, L]; with return_ids also ids_shuffle [N, L] (so a teacher can see
+        the same visible patches).
+        """
+        patches = self.patchify(imgs)  # [N, L, p*p*C]
+        N, L, _ = patches.shape
+        if mask is not None:
+            noise, mask_ratio = masking.mask_to_noise(mask)
+        elif noise is None:
+            noise = masking.random_noise(N, L, device=imgs.device)
+        ids_keep, mask, ids_restore, ids_shuffle = masking.masking_from_noise(noise, mask_ratio)
+        latent = self.forward_encoder(patches, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(patches, pred.float(), mask)
+        if return_ids:
+            return loss, pred, mask, ids_shuffle
+        return loss, pred, mask
+
+
+def _make(preset, kwargs):
+    """Merge a factory's preset with the caller's kwargs; the caller wins."""
+    return MaskedAutoencoderViT(**{**preset, **kwargs})
+
+
+def mae_vit_test(**kwargs):
+    """A tiny MAE for unit tests: 32 px, patch 8, 2 blocks of width 32, one decoder block of width 16."""
+    return _make(dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+                      decoder_depth=1, decoder_num_heads=2), kwargs)
+
+
+def mae_vit_demo_patch4(**kwargs):
+    """The demo-data MAE: 32 px, patch 4, 6 blocks of width 128; decoder 64 wide, 2 blocks."""
+    return _make(dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=64,
+                      decoder_depth=2, decoder_num_heads=4), kwargs)
+
+
+def mae_vit_tiny_patch16(**kwargs):
+    """MAE-Lite Tiny: 192-d, 12 blocks, 12 heads; decoder 96-d, 1 block, 3 heads."""
+    return _make(dict(patch_size=16, embed_dim=192, depth=12, num_heads=12, decoder_embed_dim=96, decoder_depth=1,
+                      decoder_num_heads=3), kwargs)
+
+
+def mae_vit_tiny_d13_patch16(**kwargs):
+    """MAE-Lite D²-MAE student: Tiny with a 13th block whose attention logits are distilled (see main_distill)."""
+    return _make(dict(patch_size=16, embed_dim=192, depth=13, num_heads=12, decoder_embed_dim=96, decoder_depth=1,
+                      decoder_num_heads=3), kwargs)
+
+
+def mae_vit_small_patch16(**kwargs):
+    """MAE-Lite Small: 384-d, 12 blocks, 12 heads; decoder 192-d, 1 block, 6 heads."""
+    return _make(dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, decoder_embed_dim=192, decoder_depth=1,
+                      decoder_num_heads=6), kwargs)
+
+
+def mae_vit_base_patch16(**kwargs):
+    return _make(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                      decoder_num_heads=16), kwargs)
+
+
+def mae_vit_large_patch16(**kwargs):
+    return _make(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                      decoder_num_heads=16), kwargs)
+
+
+def mae_vit_huge_patch14(**kwargs):
+    return _make(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                      decoder_num_heads=16), kwargs)
+
+
+MODELS = {f.__name__: f for f in (mae_vit_test, mae_vit_demo_patch4, mae_vit_tiny_patch16, mae_vit_tiny_d13_patch16,
+                                  mae_vit_small_patch16, mae_vit_base_patch16, mae_vit_large_patch16,
+                                  mae_vit_huge_patch14)}
+ALIASES = {'mae_vit_tiny': 'mae_vit_tiny_patch16', 'mae_vit_small': 'mae_vit_small_patch16',
+           'mae_vit_base': 'mae_vit_base_patch16', 'mae_vit_large': 'mae_vit_large_patch16',
+           'mae_vit_huge': 'mae_vit_huge_patch14', 'mae_vit_tiny_d13': 'mae_vit_tiny_d13_patch16',
+           'mae_vit_demo': 'mae_vit_demo_patch4'}
+
+
+def create_model(name, **kwargs):
+    """Build an MAE by factory name (or short alias); unknown names raise with the list of valid ones."""
+    return lookup(name, MODELS, ALIASES)(**kwargs)

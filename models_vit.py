@@ -1,0 +1,264 @@
+"""Vision Transformer encoders with timm-identical state-dict keys.
+
+References:
+  ViT   - Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021.
+  DeiT  - Touvron et al., "Training data-efficient image transformers", ICML 2021 (Tiny/Small sizes).
+  MAE   - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (GAP + fc_norm layout).
+  MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023
+          (Tiny with 12 heads).
+  timm  - Wightman, pytorch-image-models (key names, so checkpoints load both ways).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    The fast path is `F.scaled_dot_product_attention`. Passing a dict as `extras` takes the explicit path and fills it
+    with what distillation and analysis need: 'logits' (scaled pre-softmax q·kᵀ/√d, [N, H, L, L]) and 'q', 'k', 'v'
+    ([N, H, L, d_head]).
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, head_dim=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        inner = self.num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, extras=None):
+        N, L, _ = x.shape
+        qkv = self.qkv(x).reshape(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
+        q, k, v = qkv.unbind(0)  # each [N, H, L, d]
+        drop = self.attn_drop if self.training else 0.0
+        if extras is None:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # [N, H, L, d]
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # [N, H, L, L]
+            extras.update(logits=logits, q=q, k=k, v=v)
+            attn = F.dropout(logits.softmax(dim=-1), drop, self.training)
+            x = attn @ v  # [N, H, L, d]
+        x = x.transpose(1, 2).reshape(N, L, -1)  # [N, L, H*d]
+        return self.proj_drop(self.proj(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT); key `ls1.gamma` as in timm."""
+
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
+                 init_values=None, norm_layer=None, head_dim=None):
+        super().__init__()
+        norm_layer = norm_layer or _default_norm
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                              head_dim=head_dim)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def forward(self, x, extras=None):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), extras)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _default_norm(dim):
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with a stride-p convolution (key `patch_embed.proj`, as in timm)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [N, C, h, w] -> [N, h*w, D]
+
+    def embed_patches(self, patches):
+        """Embed already-patchified pixels in (p, q, c) order, e.g. only the visible ones of an MAE batch.
+
+        Equal to `forward` on the same pixels, but costs nothing for the patches that were dropped.
+        Args: patches [N, L, p*p*C] in (p, q, c) order. Returns [N, L, D].
+        """
+        w = self.proj.weight.permute(0, 2, 3, 1).flatten(1)  # [D, C, p, q] -> [D, p*q*C], matching (p, q, c)
+        return F.linear(patches, w, self.proj.bias)
+
+
+def init_weights(module):
+    """Training-from-scratch init of MAE/MAE-Lite: xavier-uniform Linear, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT for classification. `global_pool='avg'` averages patch tokens then applies `fc_norm` (no `norm`, the MAE
+    fine-tuning layout); `'token'` takes the cls token after `norm`; `''` returns the normed tokens' cls (no head)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool='token', embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
+                 drop_path_rate=0.0, init_values=None):
+        super().__init__()
+        if global_pool not in ('avg', 'token'):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows linearly with depth
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values)
+            for i in range(depth)])
+        use_fc_norm = global_pool == 'avg'
+        self.norm = nn.Identity() if use_fc_norm else _default_norm(embed_dim)
+        self.fc_norm = _default_norm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token'}
+
+    def forward_features(self, x, return_layers=(), extras_at=()):
+        """Tokens after the last block (and `norm`), [N, 1+L, D].
+
+        `return_layers`: block indices whose outputs to return as a list alongside ([N, 1+L, D] each);
+        `extras_at`: block indices whose attention logits/q/k/v to return (a dict per index).
+        With either given, returns (tokens, layer_outputs, extras)."""
+        x = self.patch_embed(x)  # [N, L, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # [N, 1+L, D]
+        x = self.pos_drop(x)
+        outs, extras = [], {}
+        for i, blk in enumerate(self.blocks):
+            e = {} if i in extras_at else None
+            x = blk(x, e)
+            if e is not None:
+                extras[i] = e
+            if i in return_layers:
+                outs.append(x)
+        x = self.norm(x)
+        if return_layers or extras_at:
+            return x, outs, extras
+        return x
+
+    def pool(self, x):
+        """[N, 1+L, D] -> [N, D] as `global_pool` says (fc_norm applied for 'avg')."""
+        if self.global_pool == 'avg':
+            return self.fc_norm(x[:, 1:].mean(dim=1))
+        return x[:, 0]
+
+    def forward_head(self, x):
+        return self.head(self.head_drop(self.pool(x)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _make(preset, kwargs):
+    """Merge a factory's preset with the caller's kwargs; the caller wins (so any preset can be overridden)."""
+    return VisionTransformer(**{**preset, **kwargs})
+
+
+def vit_test(**kwargs):
+    """A tiny ViT for unit tests: 32 px, patch 8, 2 blocks of width 32."""
+    return _make(dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10), kwargs)
+
+
+def vit_demo_patch4(**kwargs):
+    """The demo-data ViT: 32 px, patch 4 (64 tokens), 6 blocks of width 128."""
+    return _make(dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=10), kwargs)
+
+
+def vit_tiny_patch16(**kwargs):
+    """ViT-Tiny with MAE-Lite's 12 heads (DeiT-Tiny has 3: pass num_heads=3)."""
+    return _make(dict(patch_size=16, embed_dim=192, depth=12, num_heads=12), kwargs)
+
+
+def vit_small_patch16(**kwargs):
+    """ViT-Small with MAE-Lite's 12 heads (DeiT-Small has 6: pass num_heads=6)."""
+    return _make(dict(patch_size=16, embed_dim=384, depth=12, num_heads=12), kwargs)
+
+
+def vit_base_patch16(**kwargs):
+    return _make(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+def vit_large_patch16(**kwargs):
+    return _make(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+def vit_huge_patch14(**kwargs):
+    return _make(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+
+
+MODELS = {f.__name__: f for f in (vit_test, vit_demo_patch4, vit_tiny_patch16, vit_small_patch16, vit_base_patch16,
+                                  vit_large_patch16, vit_huge_patch14)}
+ALIASES = {'vit_tiny': 'vit_tiny_patch16', 'vit_small': 'vit_small_patch16', 'vit_base': 'vit_base_patch16',
+           'vit_large': 'vit_large_patch16', 'vit_huge': 'vit_huge_patch14', 'vit_demo': 'vit_demo_patch4'}
+
+
+def create_model(name, **kwargs):
+    """Build a ViT by factory name (or short alias); unknown names raise with the list of valid ones."""
+    return lookup(name, MODELS, ALIASES)(**kwargs)
+
+
+def lookup(name, models, aliases):
+    """The factory called `name` (or its alias) in `models`; a ValueError listing the valid names otherwise."""
+    name = aliases.get(name, name)
+    if name not in models:
+        valid = ', '.join(sorted(models) + sorted(aliases))
+        raise ValueError(f'unknown model {name!r}; valid names: {valid}')
+    return models[name]

@@ -1,0 +1,134 @@
+"""Datasets, transforms and loaders: a corruption-tolerant ImageFolder and the embedded demo data.
+
+References: MAE (pre-training transforms), MAE-Lite (random-interpolation crops), torchvision ImageFolder.
+The demo data are scikit-learn's 1,797 handwritten digits (UCI, 8x8 grey), upscaled and written once as an
+ImageFolder, so every recipe runs on a fresh machine with no download.
+"""
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandomResizedCropAndInterpolation
+from torchvision import datasets, transforms
+
+from util.dist import get_rank, get_world_size
+
+log = logging.getLogger(__name__)
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+DEMO_SIZE = 32  # digits are upscaled from 8x8 to this
+
+
+def pretrain_transform(input_size, min_scale=0.08, interpolation='random', mean=IMAGENET_DEFAULT_MEAN,
+                       std=IMAGENET_DEFAULT_STD):
+    """RandomResizedCrop(scale=(min_scale, 1)) + horizontal flip + normalise. MAE-Lite: (0.08, 'random');
+    official MAE: (0.2, 'bicubic')."""
+    return transforms.Compose([
+        RandomResizedCropAndInterpolation(input_size, scale=(min_scale, 1.0), interpolation=interpolation),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std)])
+
+
+def eval_transform(input_size, crop_pct=224 / 256, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """Resize the shorter side to input_size / crop_pct (bicubic), centre-crop input_size, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std)])
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that never crashes on a bad file.
+
+    Files without an image extension are left out when indexing (`self.non_images` lists them); an image that
+    cannot be decoded is returned as None, which `collate_skip` drops and counts, with a warning naming the file.
+    """
+
+    def __init__(self, root, transform=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'data folder not found: {root}')
+        non_images = []
+
+        def is_image(path):
+            ok = path.lower().endswith(IMG_EXTENSIONS)
+            if not ok:
+                non_images.append(path)
+            return ok
+
+        super().__init__(root, transform=transform, is_valid_file=is_image)
+        self.non_images = non_images
+        if non_images:
+            log.warning(f'{root}: skipped {len(non_images)} non-image files, e.g. {non_images[0]}')
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            with open(path, 'rb') as f:
+                img = Image.open(f)
+                img = img.convert('RGB')
+        except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt image, missing file, PIL decode errors
+            log.warning(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def collate_skip(batch):
+    """Default collation after dropping unreadable samples (None). Returns (images, targets, n_skipped)."""
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, skipped
+
+
+def build_loader(dataset, batch_size, num_workers=4, pin_mem=True, train=True, seed=0):
+    """DataLoader over this rank's shard (a DistributedSampler is used at every world size, so the shuffle order
+    depends only on (seed, epoch) and a resumed run sees the same batches). Training drops the last partial batch.
+    Call `loader.sampler.set_epoch(epoch)` each epoch."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
+                                                  shuffle=train, seed=seed, drop_last=train)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_mem and torch.cuda.is_available(), drop_last=train,
+                                       collate_fn=collate_skip, persistent_workers=False)
+
+
+def demo_root():
+    """The demo ImageFolder (train/ and val/, classes 0-9), written on first use. Override with $MIM_DEMO_DIR."""
+    root = os.environ.get('MIM_DEMO_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', 'digits')
+    if not os.path.isdir(os.path.join(root, 'val')):
+        materialise_digits(root)
+    return root
+
+
+def materialise_digits(root):
+    """Write scikit-learn's 1,797 digits as DEMO_SIZE px RGB PNGs: every 5th image to val/ (360), the rest to train/
+    (1,437). Written to a temporary folder and renamed, so an interrupted write leaves nothing half-done."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent)
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        split = 'val' if i % 5 == 0 else 'train'
+        d = os.path.join(tmp, split, str(label))
+        os.makedirs(d, exist_ok=True)
+        pil = Image.fromarray((img * (255.0 / 16.0)).astype('uint8'), mode='L')  # 0..16 -> 0..255
+        pil.resize((DEMO_SIZE, DEMO_SIZE), Image.BICUBIC).convert('RGB').save(os.path.join(d, f'{i:04d}.png'))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(f'demo data (scikit-learn digits) written to {root}')
+
+
+def dataset_root(data_path, split):
+    """`data_path/split` for an ImageNet-style folder, or the demo data's split when data_path is empty."""
+    return os.path.join(data_path or demo_root(), split)

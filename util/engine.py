@@ -1,0 +1,117 @@
+"""The one training loop every recipe uses, plus mixed-precision helpers.
+
+References: MAE (engine_pretrain.py / engine_finetune.py), merged into one loop; recipes pass what differs.
+"""
+import contextlib
+import logging
+import math
+
+import torch
+
+from util import dist
+from util.logger import MetricLogger
+from util.lr_sched import adjust_learning_rate
+
+log = logging.getLogger(__name__)
+
+
+def amp_dtype(args):
+    """The autocast dtype for --amp (None = full precision)."""
+    if args.amp == 'auto':
+        if not str(args.device).startswith('cuda'):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
+
+
+def autocast(args):
+    dtype = amp_dtype(args)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
+
+
+def make_scaler(args):
+    """A GradScaler for fp16 only (bf16 and fp32 need none)."""
+    if amp_dtype(args) != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(args.device).type)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None, after_step=None, log_writer=None):
+    """Train one epoch.
+
+    Args:
+        model: the (possibly DDP/compiled) module that `step_fn` calls.
+        step_fn(model, images, targets) -> (loss, metrics): the recipe's forward; runs under autocast; `metrics` is a
+            dict of scalars (tensors are fine: they are read only at print time).
+        loader: yields (images, targets, n_skipped) as `util.data.collate_skip` makes.
+        after_step(model): called after every optimizer step (EMA, momentum teachers).
+    The lr follows the per-iteration warmup-cosine schedule times each group's `lr_scale`. A step whose gradient
+    norm is not finite is skipped and counted; `args.max_nonfinite` such steps in a row abort the run.
+    Returns: dict of epoch averages (over ranks) plus `skipped_steps` and `skipped_images`.
+    """
+    model.train(True)
+    metric_logger = MetricLogger(header=f'Epoch: [{epoch}]')
+    accum = args.accum_iter
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    max_norm = args.clip_grad if args.clip_grad else math.inf
+    skipped_steps = skipped_images = bad_in_a_row = 0
+    n = len(loader)
+    optimizer.zero_grad(set_to_none=True)
+    batch_size_fn = lambda b: b[0].shape[0] * dist.get_world_size()  # noqa: E731
+    for it, (images, targets, n_bad) in enumerate(metric_logger.log_every(loader, args.print_freq, batch_size_fn)):
+        skipped_images += n_bad
+        if images.shape[0] == 0:
+            continue
+        if it % accum == 0:
+            lr = adjust_learning_rate(optimizer, epoch + it / n, args)
+        images = images.to(args.device, non_blocking=True)
+        targets = targets.to(args.device, non_blocking=True)
+        last_micro_step = (it + 1) % accum == 0 or it + 1 == n
+        # skip the gradient all-reduce on accumulation steps that do not end in an optimizer step
+        sync = contextlib.nullcontext() if last_micro_step or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with autocast(args):
+                loss, metrics = step_fn(model, images, targets)
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        if last_micro_step:
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # gradients are identical on every rank after the all-reduce, so every rank takes the same decision
+            finite = bool(torch.isfinite(grad_norm))
+            if scaler:
+                scaler.step(optimizer)  # skips by itself on inf/nan
+                scaler.update()
+            elif finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if finite:
+                bad_in_a_row = 0
+                if after_step is not None:
+                    after_step(model)
+            else:
+                skipped_steps += 1
+                bad_in_a_row += 1
+                log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({float(loss):.4g}); step skipped '
+                            f'({bad_in_a_row} in a row)')
+                if bad_in_a_row >= args.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f'{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch {epoch}, '
+                        f'iteration {it}). Training stopped; checkpoint-last.pth holds the last good epoch. Try a '
+                        f'lower --blr, --clip_grad, or --amp bf16/none instead of fp16.')
+            metric_logger.update(grad_norm=grad_norm)
+        metric_logger.update(loss=loss.detach(), lr=lr, **metrics)
+        if log_writer is not None and it % args.print_freq == 0:
+            step = int((epoch + it / n) * 1000)  # x-axis in 1/1000 epochs so curves of different batch sizes align
+            log_writer.add_scalar('train_loss', float(loss), step)
+            log_writer.add_scalar('lr', lr, step)
+    stats = {k: dist.all_reduce_mean(v) for k, v in metric_logger.averages().items()}
+    # every rank skips the same steps (same gradients), but each drops its own unreadable images
+    stats.update(skipped_steps=skipped_steps, skipped_images=int(dist.all_reduce_sum(skipped_images)))
+    return stats

@@ -1,0 +1,19 @@
+"""Parameter groups and optimizers.
+
+References: MAE (AdamW without weight decay on 1-D parameters and tokens), timm's param-group helpers.
+"""
+import torch
+from timm.optim import param_groups_weight_decay
+
+
+def no_weight_decay_names(model):
+    names = getattr(model, 'no_weight_decay', None)
+    return set(names()) if callable(names) else set()
+
+
+def adamw(model, args, betas=(0.9, 0.999)):
+    """AdamW over the trainable parameters; biases, norm weights (any 1-D tensor) and the names the model lists in
+    `no_weight_decay()` get no weight decay. Fused on CUDA."""
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_names(model))
+    fused = str(args.device).startswith('cuda')
+    return torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=fused)
