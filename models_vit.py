@@ -20,33 +20,76 @@ class Attention(nn.Module):
     The fast path is `F.scaled_dot_product_attention`. Passing a dict as `extras` takes the explicit path and fills it
     with what distillation and analysis need: 'logits' (scaled pre-softmax q·kᵀ/√d, [N, H, L, L]) and 'q', 'k', 'v'
     ([N, H, L, d_head]).
+
+    MAE-Lite's RPE variant (BEiT style): `qv_bias=True` keeps separate `q_bias`/`v_bias` (k bias fixed at 0) and
+    `rel_pos_grid=(h, w)` adds a learned per-head bias from `relative_position_bias_table`, [(2h-1)(2w-1)+3, H],
+    zero-initialised, to the scaled logits (the last three rows: cls->token, token->cls, cls->cls).
     """
 
-    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, head_dim=None):
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, head_dim=None, qv_bias=False,
+                 rel_pos_grid=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
         inner = self.num_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias and not qv_bias)
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qv_bias else None
+        if rel_pos_grid is not None:
+            index = relative_position_index(*rel_pos_grid)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(int(index.max()) + 1, num_heads))
+            self.register_buffer('relative_position_index', index, persistent=False)
+        else:
+            self.relative_position_bias_table = None
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, extras=None):
         N, L, _ = x.shape
-        qkv = self.qkv(x).reshape(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
+        qkv = qkv.reshape(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
         q, k, v = qkv.unbind(0)  # each [N, H, L, d]
         drop = self.attn_drop if self.training else 0.0
+        bias = None if self.relative_position_bias_table is None else self.rel_pos_bias(L).to(q.dtype)  # [H, L, L]
         if extras is None:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # [N, H, L, d]
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)  # [N, H, L, d]
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [N, H, L, L]
+            if bias is not None:
+                logits = logits + bias
             extras.update(logits=logits, q=q, k=k, v=v)
             attn = F.dropout(logits.softmax(dim=-1), drop, self.training)
             x = attn @ v  # [N, H, L, d]
         x = x.transpose(1, 2).reshape(N, L, -1)  # [N, L, H*d]
         return self.proj_drop(self.proj(x))
+
+    def rel_pos_bias(self, L):
+        """The relative position bias for a sequence of L = 1 + h*w tokens, [H, L, L]."""
+        index = self.relative_position_index
+        if index.shape[0] != L:
+            raise ValueError(f'relative position bias built for {index.shape[0]} tokens, input has {L}')
+        return self.relative_position_bias_table[index.view(-1)].view(L, L, -1).permute(2, 0, 1)
+
+
+def relative_position_index(h, w):
+    """BEiT relative-position index for cls + an h x w grid, [1+h*w, 1+h*w]: patch pairs map to
+    (Δh + h-1)·(2w-1) + (Δw + w-1); then cls->token, token->cls and cls->cls get the three last entries."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    coords = torch.stack([rows.flatten(), cols.flatten()])  # [2, h*w]
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, h*w, h*w]
+    patch_index = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)  # [h*w, h*w]
+    n = (2 * h - 1) * (2 * w - 1)
+    index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
+    index[1:, 1:] = patch_index
+    index[0, 1:] = n  # cls -> token
+    index[1:, 0] = n + 1  # token -> cls
+    index[0, 0] = n + 2  # cls -> cls
+    return index
 
 
 class LayerScale(nn.Module):
@@ -76,12 +119,12 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), x + mlp(norm2(x))."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
-                 init_values=None, norm_layer=None, head_dim=None):
+                 init_values=None, norm_layer=None, head_dim=None, attn_kwargs=None):
         super().__init__()
         norm_layer = norm_layer or _default_norm
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                              head_dim=head_dim)
+                              head_dim=head_dim, **(attn_kwargs or {}))
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -135,11 +178,15 @@ def init_weights(module):
 
 class VisionTransformer(nn.Module):
     """ViT for classification. `global_pool='avg'` averages patch tokens then applies `fc_norm` (no `norm`, the MAE
-    fine-tuning layout); `'token'` takes the cls token after `norm`; `''` returns the normed tokens' cls (no head)."""
+    fine-tuning layout); `'token'` takes the cls token after `norm`.
+
+    `rel_pos_bias=True` is MAE-Lite's RPE fine-tuning model: a BEiT-style relative position bias in every block and
+    separate q/v biases (`qv_bias`, on by default with RPE); the absolute position embedding stays.
+    `init_values` turns on LayerScale (older MAE-Lite RPE checkpoints carry it as gamma_1/gamma_2)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool='token', embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, init_values=None):
+                 drop_path_rate=0.0, init_values=None, rel_pos_bias=False, qv_bias=None):
         super().__init__()
         if global_pool not in ('avg', 'token'):
             raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
@@ -153,8 +200,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows linearly with depth
+        attn_kwargs = dict(qv_bias=rel_pos_bias if qv_bias is None else qv_bias,
+                           rel_pos_grid=self.patch_embed.grid_size if rel_pos_bias else None)
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values,
+                  attn_kwargs=attn_kwargs)
             for i in range(depth)])
         use_fc_norm = global_pool == 'avg'
         self.norm = nn.Identity() if use_fc_norm else _default_norm(embed_dim)

@@ -34,3 +34,26 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def interpolate_pos_embed(pos_embed, new_grid, num_prefix=1):
+    """Resize a stored position embedding to a new patch grid by bicubic interpolation, keeping its layout.
+
+    Args:
+        pos_embed: [1, num_prefix + h*w, D] (or [1, h*w, D] with num_prefix=0); the grid must be square.
+        new_grid: (H, W) of the target model.
+        num_prefix: leading rows (cls) kept as they are.
+    Returns: [1, num_prefix + H*W, D]; the input itself when the grid already matches.
+    """
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    n = grid.shape[1]
+    old = int(round(n ** 0.5))
+    if old * old != n:
+        raise ValueError(f'pos_embed has {n} grid rows, not a square grid')
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # [1, D, h, w]
+    grid = torch.nn.functional.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)  # [1, H*W, D]
+    return torch.cat([prefix, grid], dim=1)
