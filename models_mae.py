@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import masking
-from models_vit import Block, PatchEmbed, init_weights, lookup
+from models_vit import Block, PatchEmbed, init_weights, lookup, run_blocks
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -99,6 +99,17 @@ class MaskedAutoencoderViT(nn.Module):
     def unpatchify(self, x):
         return unpatchify(x, self.patch_size, self.in_chans)
 
+    def embed_visible(self, patches, ids_keep):
+        """Patch-embed the kept patches, add their position embedding, prepend cls.
+
+        Args: patches [N, L, p*p*C] ((p, q, c) order); ids_keep [N, K]. Returns [N, 1+K, D]."""
+        # embedding only the kept patches is the same as embedding all and then dropping, at a quarter of the cost
+        x = self.patch_embed.embed_patches(masking.gather_tokens(patches, ids_keep))  # [N, K, D]
+        pos = self.pos_embed[0, 1:].unsqueeze(0).expand(x.shape[0], -1, -1)  # [N, L, D]
+        x = x + masking.gather_tokens(pos, ids_keep)  # [N, K, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        return torch.cat([cls, x], dim=1)  # [N, 1+K, D]
+
     def forward_encoder(self, patches, ids_keep, return_layers=(), extras_at=()):
         """Encode the kept patches only.
 
@@ -106,23 +117,10 @@ class MaskedAutoencoderViT(nn.Module):
             `return_layers`/`extras_at`: block indices whose outputs / attention extras to hand out (distillation).
         Returns: latent [N, 1+K, D] after `norm`; with return_layers or extras_at also (layer outputs, extras).
         """
-        # embedding only the kept patches is the same as embedding all and then dropping, at a quarter of the cost
-        x = self.patch_embed.embed_patches(masking.gather_tokens(patches, ids_keep))  # [N, K, D]
-        pos = self.pos_embed[0, 1:].unsqueeze(0).expand(x.shape[0], -1, -1)  # [N, L, D]
-        x = x + masking.gather_tokens(pos, ids_keep)  # [N, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
-        x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
-        outs, extras = [], {}
-        for i, blk in enumerate(self.blocks):
-            e = {} if i in extras_at else None
-            x = blk(x, e)
-            if e is not None:
-                extras[i] = e
-            if i in return_layers:
-                outs.append(x)
+        x, outs, extras = run_blocks(self.blocks, self.embed_visible(patches, ids_keep), return_layers, extras_at)
         x = self.norm(x)
         if return_layers or extras_at:
-            return x, outs, extras
+            return x, [outs[i] for i in sorted(outs)], extras
         return x
 
     def forward_decoder(self, latent, ids_restore):

@@ -46,14 +46,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, extras=None):
+    def qkv_heads(self, x):
+        """[N, L, D] -> q, k, v, each [N, H, L, d_head]."""
         N, L, _ = x.shape
         if self.q_bias is None:
             qkv = self.qkv(x)
         else:
             qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
-        qkv = qkv.reshape(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
-        q, k, v = qkv.unbind(0)  # each [N, H, L, d]
+        qkv = qkv.view(N, L, 3, self.num_heads, self.head_dim)  # [N, L, 3, H, d]
+        # unbinding dim 2 (not a permuted dim 0) lets backward stack the q/k/v grads straight into qkv's layout:
+        # one copy instead of a stack plus a reshape copy
+        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # each [N, H, L, d]
+
+    def forward(self, x, extras=None):
+        N, L, _ = x.shape
+        q, k, v = self.qkv_heads(x)  # each [N, H, L, d]
         drop = self.attn_drop if self.training else 0.0
         bias = None if self.relative_position_bias_table is None else self.rel_pos_bias(L).to(q.dtype)  # [H, L, L]
         if extras is None:
@@ -135,6 +142,20 @@ class Block(nn.Module):
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), extras)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+def run_blocks(blocks, x, return_layers=(), extras_at=()):
+    """Run `blocks` in order. Returns (x, {i: output of block i for i in return_layers},
+    {i: attention extras ('logits', 'q', 'k', 'v') of block i for i in extras_at})."""
+    outs, extras = {}, {}
+    for i, blk in enumerate(blocks):
+        e = {} if i in extras_at else None
+        x = blk(x, e)
+        if e is not None:
+            extras[i] = e
+        if i in return_layers:
+            outs[i] = x
+    return x, outs, extras
 
 
 def _default_norm(dim):
@@ -222,26 +243,26 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {'pos_embed', 'cls_token'}
 
-    def forward_features(self, x, return_layers=(), extras_at=()):
+    def embed(self, x, ids_keep=None):
+        """Patch-embed, add position embedding, optionally keep only `ids_keep` [N, K] patches, prepend cls.
+        Returns [N, 1+L, D] (or [N, 1+K, D])."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [N, L, D]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        return self.pos_drop(torch.cat([cls, x], dim=1))
+
+    def forward_features(self, x, return_layers=(), extras_at=(), ids_keep=None):
         """Tokens after the last block (and `norm`), [N, 1+L, D].
 
-        `return_layers`: block indices whose outputs to return as a list alongside ([N, 1+L, D] each);
-        `extras_at`: block indices whose attention logits/q/k/v to return (a dict per index).
-        With either given, returns (tokens, layer_outputs, extras)."""
-        x = self.patch_embed(x)  # [N, L, D]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # [N, 1+L, D]
-        x = self.pos_drop(x)
-        outs, extras = [], {}
-        for i, blk in enumerate(self.blocks):
-            e = {} if i in extras_at else None
-            x = blk(x, e)
-            if e is not None:
-                extras[i] = e
-            if i in return_layers:
-                outs.append(x)
+        `return_layers`: block indices whose outputs to return as a list alongside ([N, 1+L, D] each, in index
+        order); `extras_at`: block indices whose attention logits/q/k/v to return (a dict per index).
+        With either given, returns (tokens, layer_outputs, extras).
+        `ids_keep` [N, K]: encode only these patches (+ cls), e.g. a teacher shown a student's visible patches."""
+        x, outs, extras = run_blocks(self.blocks, self.embed(x, ids_keep), return_layers, extras_at)
         x = self.norm(x)
         if return_layers or extras_at:
-            return x, outs, extras
+            return x, [outs[i] for i in sorted(outs)], extras
         return x
 
     def pool(self, x):

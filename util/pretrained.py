@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 WRAPPERS = ('model', 'module', 'state_dict', 'model_state')
 PREFIXES = ('module.', 'model.', 'base_encoder.', 'encoder.', 'backbone.')
 # top-level names that belong to pre-training only (teachers, adapters, momentum/EMA copies, decoders, mask tokens)
-DROP = re.compile(r'^(teacher|adapter|adapters|distill|momentum|momentum_encoder|predictor|projector|ema|model_ema|'
+DROP = re.compile(r'^(teacher|\w*adapters?|distill|momentum|momentum_encoder|predictor|projector|ema|model_ema|'
                   r'decoder|decoder_\w+|mask_token|vis_mask_token|target_encoder)(\.|$)')
 # missing keys that a fresh initialisation is right for; anything else missing is an error
 OPTIONAL = re.compile(r'^(head\.|fc_norm\.|blocks\.\d+\.attn\.relative_position_(bias_table|index)|'

@@ -1,0 +1,362 @@
+"""Distillation pre-training of lightweight ViTs from a frozen MIM teacher: D-MAE, D²-MAE (MAE-Lite) and TinyMIM.
+
+  # demo (embedded digits, random demo teacher unless --teacher is given; a minute on a CPU)
+  python main_distill.py --method dmae
+  # MAE-Lite D-MAE ViT-Tiny from the official MAE-Base, 8 GPUs (effective batch 4096)
+  torchrun --nproc_per_node 8 main_distill.py --method dmae --model mae_vit_tiny --batch_size 512 \
+      --teacher mae_pretrain_vit_base.pth --data_path /data/imagenet
+  # D²-MAE (13-block student, decoder fed from block 8)
+  torchrun --nproc_per_node 8 main_distill.py --method d2mae --batch_size 512 --teacher mae_pretrain_vit_base.pth \
+      --data_path /data/imagenet
+  # TinyMIM ViT-Tiny from MAE ViT-L, relations of block 18 (300 epochs, warmup 15, drop path 0.1)
+  torchrun --nproc_per_node 8 main_distill.py --method tinymim --model vit_tiny --teacher_model vit_large \
+      --teacher_block 18 --teacher mae_pretrain_vit_large.pth --epochs 300 --warmup_epochs 15 --data_path /data/imagenet
+
+Every run also writes `checkpoint-encoder.pth`: the student as a plain ViT ({'model': state dict}) that
+main_finetune / main_linprobe / main_knn load directly; the teacher is never saved.
+
+References:
+  MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023
+             (D-MAE attention distillation, D²-MAE decoupled distillation).
+  TinyMIM  - Ren et al., "TinyMIM: An Empirical Study of Distilling MIM Pre-trained Models", CVPR 2023
+             (q-k and v-v relation distillation).
+  MAE      - He et al., CVPR 2022.
+"""
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+
+import masking
+import models_mae
+import models_vit
+from util import dist
+from util.args import common_parser, fill_defaults, resolve_lr
+from util.checkpoint import atomic_save, resume, save_checkpoint
+from util.data import SafeImageFolder, build_loader, dataset_root, pretrain_transform
+from util.engine import make_scaler, train_one_epoch
+from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.optim import adamw
+from util.pretrained import load_pretrained
+from util.rng import seed_everything
+
+log = logging.getLogger('mim')
+
+DEFAULTS = dict(input_size=224, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05,
+                teacher_model='vit_base_patch16')
+DEMO_DEFAULTS = dict(input_size=32, batch_size=64, epochs=10, warmup_epochs=1, blr=1.5e-3,
+                     teacher_model='vit_demo_patch4')
+STUDENTS = {'dmae': 'mae_vit_tiny_patch16', 'd2mae': 'mae_vit_tiny_d13_patch16', 'tinymim': 'vit_tiny_patch16'}
+DEMO_STUDENTS = {'dmae': 'mae_vit_demo_patch4', 'd2mae': 'mae_vit_demo_patch4', 'tinymim': 'vit_demo_patch4'}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('distillation pre-training', parents=[common_parser()])
+    g = p.add_argument_group('distillation')
+    g.add_argument('--method', default='dmae', choices=['dmae', 'd2mae', 'tinymim'])
+    g.add_argument('--model', default=None,
+                   help='student factory: an MAE (models_mae) for dmae/d2mae, a ViT (models_vit) for tinymim '
+                        f'(defaults {STUDENTS})')
+    g.add_argument('--depth', type=int, default=None,
+                   help='override the student depth (d2mae on the demo model uses 6 + 1 blocks)')
+    g.add_argument('--teacher_model', default=None, help='teacher ViT factory (default vit_base_patch16)')
+    g.add_argument('--teacher', default='',
+                   help='teacher weights (official mae_pretrain_vit_base.pth, a MAE-Lite teacher, or ours); '
+                        'without it the teacher is random, which is only good for smoke tests')
+    g.add_argument('--alpha', type=float, default=1.0, help='weight of the distillation loss (D-MAE, D²-MAE)')
+    g.add_argument('--distill_attn_idx', type=int, nargs='+', default=[-1],
+                   help='student blocks whose attention logits are distilled (D-MAE; default the last)')
+    g.add_argument('--teacher_attn_idx', type=int, nargs='+', default=[-1],
+                   help='teacher blocks they are matched to, in the same order (MAE-Lite does no depth alignment)')
+    g.add_argument('--distill_hidden_idx', type=int, nargs='*', default=[],
+                   help='student indices i for hidden-feature distillation: i < depth is the normalised input of '
+                        'block i, i = depth the final output (off by default)')
+    g.add_argument('--teacher_hidden_idx', type=int, nargs='*', default=[],
+                   help='teacher indices matched to --distill_hidden_idx (default: the teacher\'s final output)')
+    g.add_argument('--decode_idx', type=int, default=None,
+                   help='D²-MAE: the decoder reconstructs from the output of this block (1-based; MAE-Lite: 8)')
+    g.add_argument('--teacher_block', type=int, default=None,
+                   help='TinyMIM: teacher relations come from this block (1-based; ViT-L 18, ViT-B 12); the '
+                        'teacher stops there (default: its last block)')
+    g.add_argument('--mask_ratio', type=float, default=0.75)
+    g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument('--min_crop_scale', type=float, default=None,
+                   help='RandomResizedCrop lower scale (MAE-Lite 0.08; TinyMIM 0.2)')
+    g.add_argument('--drop_path', type=float, default=None, help='student stochastic depth (TinyMIM: 0.1)')
+    return p
+
+
+def attention_only(block):
+    """Strip a block down to what its attention logits need (norm1 + qkv): the rest would get no gradient."""
+    block.attn.proj = nn.Identity()
+    block.norm2 = block.mlp = block.ls2 = nn.Identity()
+    return block
+
+
+def attention_logits(block, x):
+    """Scaled pre-softmax logits q·kᵀ/√d of `block` on input tokens x: [N, H, L, L]."""
+    q, k, _ = block.attn.qkv_heads(block.norm1(x))
+    return (q * block.attn.scale) @ k.transpose(-2, -1)
+
+
+class MAEDistiller(nn.Module):
+    """D-MAE / D²-MAE: the student MAE's loss plus α·MSE between adapted student and teacher attention logits (and
+    optionally hidden features), the teacher seeing exactly the student's visible patches.
+
+    The teacher is kept in a list so it is not a registered submodule: it is not trained, not saved and not
+    wrapped by DDP. `decode_idx` (1-based) turns on D²: the decoder reads block `decode_idx`'s output normalised by
+    the encoder's final norm, and the last block is attention-only.
+    """
+
+    def __init__(self, student, teacher, attn_pairs, hidden_pairs=(), alpha=1.0, decode_idx=None):
+        super().__init__()
+        self.model = student
+        self.teacher = [teacher]
+        self.attn_pairs, self.hidden_pairs, self.alpha, self.decode_idx = attn_pairs, hidden_pairs, alpha, decode_idx
+        self.d2 = decode_idx is not None
+        if self.d2:
+            attention_only(student.blocks[-1])
+        t_heads, s_heads = teacher.num_heads, student.num_heads
+        # a 1x1 conv over the head axis maps student heads to teacher heads (always on, as in MAE-Lite)
+        self.adapters = nn.ModuleList([nn.Conv2d(s_heads, t_heads, 1, bias=False) for _ in attn_pairs])
+        self.hidden_adapters = nn.ModuleList([nn.Linear(student.embed_dim, teacher.embed_dim, bias=False)
+                                              for _ in hidden_pairs])
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        student, teacher = self.model, self.teacher[0]
+        patches = student.patchify(imgs)  # [N, L, p*p*C]
+        N, L, _ = patches.shape
+        if noise is None:
+            noise = masking.random_noise(N, L, device=imgs.device)
+        ids_keep, mask, ids_restore, _ = masking.masking_from_noise(noise, mask_ratio)
+
+        s_logits, s_hidden, latent = self.run_student(patches, ids_keep)
+        pred = student.forward_decoder(latent, ids_restore)
+        loss_mae = student.forward_loss(patches, pred.float(), mask)
+        with torch.no_grad():
+            t_logits, t_hidden = run_teacher(teacher, imgs, ids_keep, [t for _, t in self.attn_pairs],
+                                             [t for _, t in self.hidden_pairs])
+        loss_attn = sum(F.mse_loss(a(s).float(), t.float()) for a, s, t in zip(self.adapters, s_logits, t_logits))
+        loss_hidden = sum((F.mse_loss(a(s).float(), t.float())
+                           for a, s, t in zip(self.hidden_adapters, s_hidden, t_hidden)), torch.zeros(()))
+        loss = loss_mae + self.alpha * (loss_attn + loss_hidden.to(loss_mae.device))
+        return loss, {'loss_mae': loss_mae.detach(), 'loss_attn': loss_attn.detach()}
+
+    def run_student(self, patches, ids_keep):
+        """Returns (attention logits per attn pair, hidden features per hidden pair, decoder input latent)."""
+        student = self.model
+        blocks = student.blocks[:-1] if self.d2 else student.blocks
+        s_attn = {s for s, _ in self.attn_pairs if not (self.d2 and s == len(student.blocks) - 1)}
+        need = {s - 1 for s, _ in self.hidden_pairs if 0 < s < len(student.blocks)}
+        if self.d2:
+            need.add(self.decode_idx - 1)
+        x0 = student.embed_visible(patches, ids_keep)  # [N, 1+K, D]
+        x, outs, extras = models_vit.run_blocks(blocks, x0, need, s_attn)
+        latent = student.norm(outs[self.decode_idx - 1]) if self.d2 else student.norm(x)
+        logits = []
+        for s, _ in self.attn_pairs:
+            logits.append(attention_logits(student.blocks[s], x) if s not in extras else extras[s]['logits'])
+        hidden = []
+        for s, _ in self.hidden_pairs:
+            if s == len(student.blocks):
+                hidden.append(latent)
+            else:
+                hidden.append(student.blocks[s].norm1(outs[s - 1] if s > 0 else x0))
+        return logits, hidden, latent
+
+
+def run_teacher(teacher, imgs, ids_keep, attn_idx, hidden_idx):
+    """Teacher attention logits at `attn_idx` and hidden features at `hidden_idx` (same index rule as the
+    student) on the visible patches `ids_keep` (all patches when None)."""
+    x0 = teacher.embed(imgs, ids_keep)
+    need = {i - 1 for i in hidden_idx if 0 < i < len(teacher.blocks)}
+    x, outs, extras = models_vit.run_blocks(teacher.blocks, x0, need, set(attn_idx))
+    final = teacher.norm(x)
+    hidden = [final if i == len(teacher.blocks) else teacher.blocks[i].norm1(outs[i - 1] if i > 0 else x0)
+              for i in hidden_idx]
+    return [extras[i]['logits'] for i in attn_idx], hidden
+
+
+def relations(block, x):
+    """TinyMIM relations of `block` on tokens x, as logits: (q·kᵀ/√d, v·vᵀ/√d), each [N, H, L, L]."""
+    q, k, v = block.attn.qkv_heads(block.norm1(x))
+    s = block.attn.scale
+    return (q * s) @ k.transpose(-2, -1), (v * s) @ v.transpose(-2, -1)
+
+
+def relation_kl(t_logits, s_logits):
+    """KL(teacher ‖ student) of the softmaxed relations: summed over keys, averaged over batch, heads, queries."""
+    t_log = F.log_softmax(t_logits.float(), dim=-1)
+    s_log = F.log_softmax(s_logits.float(), dim=-1)
+    return (t_log.exp() * (t_log - s_log)).sum(-1).mean()
+
+
+class RelationDistiller(nn.Module):
+    """TinyMIM: no masking; student and teacher see all patches (+ cls) of the same crop (the student's copy also
+    colour-jittered); the student's last block, built with the teacher's head count and stripped to norm1 + qkv,
+    is matched to the teacher's block `teacher_block` by KL on q-k and v-v relations."""
+
+    def __init__(self, student, teacher, teacher_block):
+        super().__init__()
+        last = student.blocks[-1]
+        if last.attn.num_heads != teacher.num_heads:
+            d = student.embed_dim
+            last.attn = models_vit.Attention(d, teacher.num_heads, head_dim=d // teacher.num_heads)
+        attention_only(last)
+        student.norm = nn.Identity()  # unused by the loss: would ship untrained
+        self.model = student
+        self.teacher = [teacher]
+        self.teacher_block = teacher_block
+
+    def forward(self, imgs):
+        """imgs [N, 2, C, H, W]: the teacher's view and the student's (jittered) view of one crop."""
+        student, teacher = self.model, self.teacher[0]
+        x, _, _ = models_vit.run_blocks(student.blocks[:-1], student.embed(imgs[:, 1]))
+        s_qk, s_vv = relations(student.blocks[-1], x)
+        with torch.no_grad():
+            xt, _, _ = models_vit.run_blocks(teacher.blocks[:self.teacher_block - 1], teacher.embed(imgs[:, 0]))
+            t_qk, t_vv = relations(teacher.blocks[self.teacher_block - 1], xt)
+        loss_qk, loss_vv = relation_kl(t_qk, s_qk), relation_kl(t_vv, s_vv)
+        return loss_qk + loss_vv, {'loss_qk': loss_qk.detach(), 'loss_vv': loss_vv.detach()}
+
+
+class SharedCropTwoViews:
+    """TinyMIM views: one random-resized crop (bicubic) + flip shared by both; the student's copy is also
+    colour-jittered. Returns [2, C, H, W] (teacher view, student view)."""
+
+    def __init__(self, size, min_scale=0.2):
+        self.crop = transforms.Compose([
+            transforms.RandomResizedCrop(size, scale=(min_scale, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip()])
+        self.jitter = transforms.ColorJitter(0.4, 0.4, 0.4)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+    def __call__(self, img):
+        img = self.crop(img)
+        return torch.stack([self.to_tensor(img), self.to_tensor(self.jitter(img))])
+
+
+def build_teacher(args):
+    teacher = models_vit.create_model(args.teacher_model, num_classes=0, img_size=args.input_size)
+    if args.teacher:
+        load_pretrained(teacher, args.teacher)
+    else:
+        log.warning('no --teacher given: the teacher is randomly initialised (smoke test only)')
+    return teacher.requires_grad_(False).eval().to(args.device)
+
+
+def build_student(args):
+    kw = dict(img_size=args.input_size, drop_path_rate=args.drop_path)
+    if args.depth:
+        kw['depth'] = args.depth
+    if args.method == 'tinymim':
+        return models_vit.create_model(args.model, num_classes=0, **kw)
+    return models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, **kw)
+
+
+def export_encoder(args, student):
+    """Write output_dir/checkpoint-encoder.pth: the student as a complete plain ViT for the downstream recipes.
+    D²'s attention-only last block is dropped; parts that never got a gradient (D²'s final norm, which normalised
+    block `decode_idx`; TinyMIM's last-block projection/MLP and final norm) are written at a fresh init."""
+    if not args.output_dir or not dist.is_main_process():
+        return
+    depth = len(student.blocks) - (1 if args.method == 'd2mae' else 0)
+    vit = models_vit.VisionTransformer(img_size=args.input_size, patch_size=student.patch_embed.patch_size[0],
+                                       embed_dim=student.embed_dim, depth=depth, num_heads=student.num_heads,
+                                       num_classes=0)
+    sd = {k: v for k, v in student.state_dict().items() if k in vit.state_dict()
+          and v.shape == vit.state_dict()[k].shape}
+    if args.method == 'd2mae':
+        sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
+    vit.load_state_dict(sd, strict=False)
+    atomic_save({'model': vit.state_dict(), 'args': {'method': args.method, 'model': args.model}},
+                os.path.join(args.output_dir, 'checkpoint-encoder.pth'))
+
+
+def main(args):
+    dist.init_distributed_mode(args)
+    setup_logging(args.rank, args.output_dir)
+    demo = DEMO_STUDENTS if not args.data_path else STUDENTS
+    fill_defaults(args, {**DEFAULTS, 'model': demo[args.method]}, DEMO_DEFAULTS)
+    fill_defaults(args, dict(min_crop_scale=0.2 if args.method == 'tinymim' else 0.08,
+                             drop_path=0.1 if args.method == 'tinymim' else 0.0))
+    if args.method == 'd2mae' and not args.data_path and args.depth is None:
+        args.depth = 7  # the demo MAE has 6 blocks; D² adds an attention-only 7th
+    seed_everything(args.seed + args.rank)
+
+    root = dataset_root(args.data_path, 'train')
+    tf = (SharedCropTwoViews(args.input_size, args.min_crop_scale) if args.method == 'tinymim'
+          else pretrain_transform(args.input_size, args.min_crop_scale))
+    dataset = SafeImageFolder(root, tf)
+    loader = build_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, train=True, seed=args.seed)
+
+    teacher = build_teacher(args)
+    student = build_student(args)
+    if args.method == 'tinymim':
+        tb = args.teacher_block or teacher.depth
+        if not 1 <= tb <= teacher.depth:
+            raise ValueError(f'--teacher_block {tb} is outside the teacher\'s 1..{teacher.depth} blocks')
+        model = RelationDistiller(student, teacher, tb)
+    else:
+        depth = len(student.blocks)
+        attn = [(s % depth, t % teacher.depth) for s, t in zip(args.distill_attn_idx, args.teacher_attn_idx)]
+        if len(args.distill_attn_idx) != len(args.teacher_attn_idx):
+            raise ValueError('--distill_attn_idx and --teacher_attn_idx need the same number of entries')
+        t_hidden = args.teacher_hidden_idx or [teacher.depth] * len(args.distill_hidden_idx)
+        decode_idx = None
+        if args.method == 'd2mae':
+            decode_idx = args.decode_idx or (8 if depth == 13 else (depth - 1) * 2 // 3)
+            attn = [(depth - 1, teacher.depth - 1)]  # D²: the attention-only extra block is what is distilled
+        model = MAEDistiller(student, teacher, attn, list(zip(args.distill_hidden_idx, t_hidden)), args.alpha,
+                             decode_idx)
+    model.to(args.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
+                                                          else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    resolve_lr(args)
+    optimizer = adamw(model_without_ddp.model, args, betas=(0.9, 0.95))
+    optimizer.add_param_group({'params': [p for n, p in model_without_ddp.named_parameters()
+                                          if 'adapters' in n], 'weight_decay': args.weight_decay})
+    scaler = make_scaler(args)
+    start_epoch = resume(args, model_without_ddp, optimizer, scaler)
+    log.info(f'{args.method}: student {args.model} ({n_parameters / 1e6:.2f}M trainable incl. adapters), teacher '
+             f'{args.teacher_model}; blr {args.blr:.3g} lr {args.lr:.3g} effective batch {args.eff_batch_size}')
+    log_writer = make_tb_writer(args.log_dir)
+
+    def step(model, images, targets):
+        if args.method == 'tinymim':
+            return model(images)
+        return model(images, mask_ratio=args.mask_ratio)
+
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, step, loader, optimizer, epoch, args, scaler, log_writer=log_writer)
+        names = ['last'] + ([str(epoch)] if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs else [])
+        save_checkpoint(args, epoch, model, optimizer, scaler, names)
+        write_epoch_log(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
+                                          'n_parameters': n_parameters})
+    export_encoder(args, model_without_ddp.model)
+    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    dist.cleanup()
+    return model_without_ddp
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    main(args)

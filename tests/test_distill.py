@@ -1,0 +1,121 @@
+"""Distillation (SPEC §3): the teacher sees the student's visible patches, D² gradient routing, TinyMIM relations,
+exports that load downstream, and a short real run through main()."""
+import json
+import os
+
+import pytest
+import torch
+
+import main_distill
+import masking
+import models_mae
+import models_vit
+from main_distill import MAEDistiller, RelationDistiller, relation_kl, relations
+from util.pretrained import load_pretrained
+
+
+def teacher(**kw):
+    torch.manual_seed(7)
+    return models_vit.vit_test(num_classes=0, embed_dim=48, num_heads=3, **kw).requires_grad_(False).eval()
+
+
+def test_teacher_sees_exactly_the_students_visible_patches():
+    """The distilled teacher logits equal the teacher run by hand on the gathered visible patches."""
+    torch.manual_seed(0)
+    student, t = models_mae.mae_vit_test(), teacher()
+    d = MAEDistiller(student, t, [(1, 1)])
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    ids_keep = masking.masking_from_noise(noise, 0.75)[0]
+    logits, _ = main_distill.run_teacher(t, imgs, ids_keep, [1], [])
+    # by hand: embed all patches, add pos, keep the visible ones, prepend cls
+    x = t.patch_embed(imgs) + t.pos_embed[:, 1:]
+    x = masking.gather_tokens(x, ids_keep)
+    x = torch.cat([(t.cls_token + t.pos_embed[:, :1]).expand(2, -1, -1), x], 1)
+    x = t.blocks[0](x)
+    e = {}
+    t.blocks[1](x, e)
+    assert logits[0].shape == (2, 3, 5, 5)  # 1 + 4 visible of 16 at ratio 0.75
+    assert torch.allclose(logits[0], e['logits'], atol=1e-6)
+    loss, parts = d(imgs, noise=noise)
+    adapted = d.adapters[0](d.run_student(student.patchify(imgs), ids_keep)[0][0])
+    assert torch.allclose(parts['loss_attn'], torch.nn.functional.mse_loss(adapted, logits[0]), atol=1e-6)
+    assert torch.allclose(loss, parts['loss_mae'] + parts['loss_attn'], atol=1e-6)
+
+
+def test_dmae_trains_student_and_adapter_not_teacher():
+    torch.manual_seed(0)
+    student, t = models_mae.mae_vit_test(), teacher()
+    d = MAEDistiller(student, t, [(1, 1)], hidden_pairs=[(2, 2), (1, 0)])
+    assert d.adapters[0].weight.shape == (3, 2, 1, 1)  # student 2 heads -> teacher 3 heads
+    assert not any(n.startswith('teacher') for n in d.state_dict())
+    loss, _ = d(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    assert all(p.grad is None for p in t.parameters())
+    assert d.adapters[0].weight.grad.abs().sum() > 0
+    assert all(a.weight.grad.abs().sum() > 0 for a in d.hidden_adapters)
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_d2_gradients_are_routed_as_specified():
+    """Reconstruction reaches only blocks before decode_idx; the blocks after it and the extra block's qkv get the
+    distillation gradient only; the extra block keeps only norm1 + qkv."""
+    torch.manual_seed(0)
+    student = models_mae.mae_vit_test(depth=4)  # 3 blocks + the attention-only 4th
+    d = MAEDistiller(student, teacher(), [(3, 1)], decode_idx=2)
+    last = student.blocks[3]
+    assert not any(k.startswith(('attn.proj', 'mlp', 'norm2')) for k, _ in last.named_parameters())
+    d.alpha = 0.0  # reconstruction only
+    d(torch.randn(2, 3, 32, 32))[0].backward()
+    assert student.blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
+    assert student.blocks[2].attn.qkv.weight.grad is None or student.blocks[2].attn.qkv.weight.grad.abs().sum() == 0
+    student.zero_grad(set_to_none=True)
+    d.alpha = 1.0
+    _, parts = d(torch.randn(2, 3, 32, 32))
+    parts_loss = parts['loss_attn'].requires_grad
+    assert not parts_loss  # reported detached
+    loss, _ = d(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    assert student.blocks[2].attn.qkv.weight.grad.abs().sum() > 0
+    assert last.attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_tinymim_relations_kl_and_teacher_block():
+    torch.manual_seed(0)
+    t = teacher(depth=3)
+    student = models_vit.vit_test(num_classes=0)  # 2 heads; its last block takes the teacher's 3
+    d = RelationDistiller(student, t, teacher_block=2)
+    assert student.blocks[-1].attn.num_heads == 3
+    img = torch.randn(2, 3, 32, 32)
+    x = t.embed(img)
+    qk, vv = relations(t.blocks[0], x)
+    assert qk.shape == vv.shape == (2, 3, 17, 17)
+    assert relation_kl(qk, qk).abs() < 1e-6 and relation_kl(qk, vv) > 0
+    loss, parts = d(torch.stack([img, img], 1))
+    # teacher_block is honoured: block 2's relations (after one block), not the last block's
+    xt = t.blocks[0](t.embed(img))
+    tq, _ = relations(t.blocks[1], xt)
+    xs, _, _ = models_vit.run_blocks(student.blocks[:-1], student.embed(img))
+    sq, _ = relations(student.blocks[-1], xs)
+    assert torch.allclose(parts['loss_qk'], relation_kl(tq, sq), atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in d.parameters() if p.requires_grad)  # nothing ships untrained
+
+
+@pytest.mark.parametrize('method', ['dmae', 'd2mae', 'tinymim'])
+def test_main_distill_runs_and_exports_a_loadable_encoder(method, image_folder, tmp_path):
+    out = str(tmp_path / method)
+    model = 'vit_test' if method == 'tinymim' else 'mae_vit_test'
+    args = main_distill.get_args_parser().parse_args([
+        '--method', method, '--model', model, '--teacher_model', 'vit_test', '--data_path', image_folder,
+        '--input_size', '32', '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '0', '--num_workers', '0',
+        '--output_dir', out, '--blr', '1e-3'] + (['--depth', '3', '--decode_idx', '1'] if method == 'd2mae' else []))
+    main_distill.main(args)
+    logs = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r['train_loss'])) for r in logs)
+    ckpt = torch.load(os.path.join(out, 'checkpoint-last.pth'), weights_only=True)
+    assert not any(k.startswith('teacher') for k in ckpt['model'])
+    vit = models_vit.vit_test()
+    load_pretrained(vit, os.path.join(out, 'checkpoint-encoder.pth'))  # raises if an essential key were missing
+    trained = ckpt['model']['model.blocks.0.attn.qkv.weight']
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, trained)
