@@ -1,12 +1,12 @@
 """Distillation pre-training of lightweight ViTs from a frozen MIM teacher: D-MAE, D²-MAE (MAE-Lite) and TinyMIM.
 
   # demo (embedded digits, random demo teacher unless --teacher is given; a minute on a CPU)
-  python main_distill.py --method dmae
+  python main_distill.py --method d_mae
   # MAE-Lite D-MAE ViT-Tiny from the official MAE-Base, 8 GPUs (effective batch 4096)
-  torchrun --nproc_per_node 8 main_distill.py --method dmae --model mae_vit_tiny --batch_size 512 \
+  torchrun --nproc_per_node 8 main_distill.py --method d_mae --model mae_vit_tiny --batch_size 512 \
       --teacher mae_pretrain_vit_base.pth --data_path /data/imagenet
   # D²-MAE (13-block student, decoder fed from block 8)
-  torchrun --nproc_per_node 8 main_distill.py --method d2mae --batch_size 512 --teacher mae_pretrain_vit_base.pth \
+  torchrun --nproc_per_node 8 main_distill.py --method d2_mae --batch_size 512 --teacher mae_pretrain_vit_base.pth \
       --data_path /data/imagenet
   # TinyMIM ViT-Tiny from MAE ViT-L, relations of block 18 (300 epochs, warmup 15, drop path 0.1)
   torchrun --nproc_per_node 8 main_distill.py --method tinymim --model vit_tiny --teacher_model vit_large \
@@ -52,19 +52,19 @@ DEFAULTS = dict(input_size=224, batch_size=64, epochs=400, warmup_epochs=40, blr
                 teacher_model='vit_base_patch16')
 DEMO_DEFAULTS = dict(input_size=32, batch_size=64, epochs=10, warmup_epochs=1, blr=1.5e-3,
                      teacher_model='vit_demo_patch4')
-STUDENTS = {'dmae': 'mae_vit_tiny_patch16', 'd2mae': 'mae_vit_tiny_d13_patch16', 'tinymim': 'vit_tiny_patch16'}
-DEMO_STUDENTS = {'dmae': 'mae_vit_demo_patch4', 'd2mae': 'mae_vit_demo_patch4', 'tinymim': 'vit_demo_patch4'}
+STUDENTS = {'d_mae': 'mae_vit_tiny_patch16', 'd2_mae': 'mae_vit_tiny_d13_patch16', 'tinymim': 'vit_tiny_patch16'}
+DEMO_STUDENTS = {'d_mae': 'mae_vit_demo_patch4', 'd2_mae': 'mae_vit_demo_patch4', 'tinymim': 'vit_demo_patch4'}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('distillation pre-training', parents=[common_parser()])
     g = p.add_argument_group('distillation')
-    g.add_argument('--method', default='dmae', choices=['dmae', 'd2mae', 'tinymim'])
+    g.add_argument('--method', default='d_mae', choices=['d_mae', 'd2_mae', 'tinymim'])
     g.add_argument('--model', default=None,
-                   help='student factory: an MAE (models_mae) for dmae/d2mae, a ViT (models_vit) for tinymim '
+                   help='student factory: an MAE (models_mae) for d_mae/d2_mae, a ViT (models_vit) for tinymim '
                         f'(defaults {STUDENTS})')
     g.add_argument('--depth', type=int, default=None,
-                   help='override the student depth (d2mae on the demo model uses 6 + 1 blocks)')
+                   help='override the student depth (d2_mae on the demo model uses 6 + 1 blocks)')
     g.add_argument('--teacher_model', default=None, help='teacher ViT factory (default vit_base_patch16)')
     g.add_argument('--teacher', default='',
                    help='teacher weights (official mae_pretrain_vit_base.pth, a MAE-Lite teacher, or ours); '
@@ -268,13 +268,13 @@ def export_encoder(args, student):
     block `decode_idx`; TinyMIM's last-block projection/MLP and final norm) are written at a fresh init."""
     if not args.output_dir or not dist.is_main_process():
         return
-    depth = len(student.blocks) - (1 if args.method == 'd2mae' else 0)
+    depth = len(student.blocks) - (1 if args.method == 'd2_mae' else 0)
     vit = models_vit.VisionTransformer(img_size=args.input_size, patch_size=student.patch_embed.patch_size[0],
                                        embed_dim=student.embed_dim, depth=depth, num_heads=student.num_heads,
                                        num_classes=0)
     sd = {k: v for k, v in student.state_dict().items() if k in vit.state_dict()
           and v.shape == vit.state_dict()[k].shape}
-    if args.method == 'd2mae':
+    if args.method == 'd2_mae':
         sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
     vit.load_state_dict(sd, strict=False)
     atomic_save({'model': vit.state_dict(), 'args': {'method': args.method, 'model': args.model}},
@@ -288,7 +288,7 @@ def main(args):
     fill_defaults(args, {**DEFAULTS, 'model': demo[args.method]}, DEMO_DEFAULTS)
     fill_defaults(args, dict(min_crop_scale=0.2 if args.method == 'tinymim' else 0.08,
                              drop_path=0.1 if args.method == 'tinymim' else 0.0))
-    if args.method == 'd2mae' and not args.data_path and args.depth is None:
+    if args.method == 'd2_mae' and not args.data_path and args.depth is None:
         args.depth = 7  # the demo MAE has 6 blocks; D² adds an attention-only 7th
     seed_everything(args.seed + args.rank)
 
@@ -312,7 +312,7 @@ def main(args):
             raise ValueError('--distill_attn_idx and --teacher_attn_idx need the same number of entries')
         t_hidden = args.teacher_hidden_idx or [teacher.depth] * len(args.distill_hidden_idx)
         decode_idx = None
-        if args.method == 'd2mae':
+        if args.method == 'd2_mae':
             decode_idx = args.decode_idx or (8 if depth == 13 else (depth - 1) * 2 // 3)
             attn = [(depth - 1, teacher.depth - 1)]  # D²: the attention-only extra block is what is distilled
         model = MAEDistiller(student, teacher, attn, list(zip(args.distill_hidden_idx, t_hidden)), args.alpha,
