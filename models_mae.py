@@ -6,6 +6,7 @@ References:
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import masking
 from models_vit import Block, PatchEmbed, init_weights, lookup, run_blocks
@@ -33,12 +34,16 @@ def unpatchify(x, p, in_chans=3):
 
 
 def patch_targets(patches, norm_pix_loss):
-    """Reconstruction targets: raw pixels, or each patch normalised by its own mean and unbiased variance."""
+    """Reconstruction targets: raw pixels, or each patch normalised by its own mean and unbiased variance (as the
+    official MAE): (t - mean) / sqrt(var + 1e-6)."""
     if not norm_pix_loss:
         return patches
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)  # unbiased, as the official MAE
-    return (patches - mean) / (var + 1e-6) ** 0.5
+    # the same value as one fused layer_norm, whose variance is the biased one, var * (D-1)/D:
+    #   (t - mean) / sqrt(var + 1e-6) = (t - mean) / sqrt(var (D-1)/D + 1e-6 (D-1)/D) * sqrt((D-1)/D)
+    # (5x cheaper on CPU than mean, var, sub and div over every pixel)
+    D = patches.shape[-1]
+    scale = patches.new_full((D,), ((D - 1) / D) ** 0.5)
+    return F.layer_norm(patches, (D,), weight=scale, eps=1e-6 * (D - 1) / D)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -134,16 +139,19 @@ class MaskedAutoencoderViT(nn.Module):
         x = masking.gather_tokens(x, index) + self.decoder_pos_embed  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p*p*C]
-        return x[:, 1:]
+        # drop cls before the head: nothing is predicted for it, and slicing the p*p*C-wide output instead would cost
+        # a zero-filled full-size gradient in backward
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [N, L, p*p*C]
 
     def forward_loss(self, patches, pred, mask):
         """Mean squared error per patch, averaged over the masked patches only.
 
         Args: patches [N, L, p*p*C] (pixels), pred [N, L, p*p*C], mask [N, L] (1 = removed)."""
         target = patch_targets(patches, self.norm_pix_loss)
-        loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        # summed (not averaged) squared error, the 1/(p*p*C) folded into the normaliser: mse_loss is one fused pass
+        # forward and backward, and sum's backward is a free broadcast where mean's divides every element
+        loss = F.mse_loss(pred, target, reduction='none').sum(dim=-1)  # [N, L]
+        return (loss * mask).sum() / (mask.sum().clamp(min=1) * pred.shape[-1])
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, mask=None, return_ids=False):
         """Args:

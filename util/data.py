@@ -132,3 +132,18 @@ def materialise_digits(root):
 def dataset_root(data_path, split):
     """`data_path/split` for an ImageNet-style folder, or the demo data's split when data_path is empty."""
     return os.path.join(data_path or demo_root(), split)
+
+
+def num_classes(train_set, val_set, nb_classes=None):
+    """The class count of a train/val ImageFolder pair, checking both splits have the same class folders (the label
+    indices come from the sorted folder names, so a folder missing from one split would shift every label after it).
+    `nb_classes` may ask for more outputs than there are folders (e.g. a subset of ImageNet), never fewer."""
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise ValueError(f'train/ and val/ have different class folders (only in train: {only_train[:5]}, '
+                         f'only in val: {only_val[:5]}): labels would not match')
+    n = len(train_set.classes)
+    if nb_classes is not None and nb_classes < n:
+        raise ValueError(f'--nb_classes {nb_classes} is fewer than the {n} class folders of the data')
+    return nb_classes or n

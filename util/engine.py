@@ -66,10 +66,10 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
     batch_size_fn = lambda b: b[0].shape[0] * dist.get_world_size()  # noqa: E731
     for it, (images, targets, n_bad) in enumerate(metric_logger.log_every(loader, args.print_freq, batch_size_fn)):
         skipped_images += n_bad
-        if images.shape[0] == 0:
-            continue
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / n, args)
+        if images.shape[0] == 0:  # every image of this batch was unreadable
+            continue
         images = images.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         last_micro_step = (it + 1) % accum == 0 or it + 1 == n
@@ -98,7 +98,7 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
             else:
                 skipped_steps += 1
                 bad_in_a_row += 1
-                log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({float(loss):.4g}); step skipped '
+                log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({loss.item():.4g}); step skipped '
                             f'({bad_in_a_row} in a row)')
                 if bad_in_a_row >= args.max_nonfinite:
                     raise NonFiniteLossError(
@@ -109,7 +109,7 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
         metric_logger.update(loss=loss.detach(), lr=lr, **metrics)
         if log_writer is not None and it % args.print_freq == 0:
             step = int((epoch + it / n) * 1000)  # x-axis in 1/1000 epochs so curves of different batch sizes align
-            log_writer.add_scalar('train_loss', float(loss), step)
+            log_writer.add_scalar('train_loss', loss.item(), step)
             log_writer.add_scalar('lr', lr, step)
     stats = {k: dist.all_reduce_mean(v) for k, v in metric_logger.averages().items()}
     # every rank skips the same steps (same gradients), but each drops its own unreadable images

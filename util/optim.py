@@ -14,6 +14,8 @@ def no_weight_decay_names(model):
 def adamw(model, args, betas=(0.9, 0.999)):
     """AdamW over the trainable parameters; biases, norm weights (any 1-D tensor) and the names the model lists in
     `no_weight_decay()` get no weight decay. Fused on CUDA."""
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_names(model))
+    # keywords, not positions: timm 1.0.31 inserted a parameter before no_weight_decay_list
+    groups = param_groups_weight_decay(model, weight_decay=args.weight_decay,
+                                       no_weight_decay_list=no_weight_decay_names(model))
     fused = str(args.device).startswith('cuda')
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=fused)

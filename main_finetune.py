@@ -1,0 +1,344 @@
+"""End-to-end fine-tuning of a (pre-trained) ViT for classification, and transfer to smaller datasets.
+
+  # demo: the embedded digits data; first pre-train the demo MAE, then fine-tune it (a few minutes on a CPU)
+  python main_pretrain.py --output_dir /tmp/demo_mae
+  python main_finetune.py --finetune /tmp/demo_mae/checkpoint-last.pth --output_dir /tmp/demo_ft
+  # MAE-Lite ViT-Tiny on ImageNet-1k, improved recipe (300 epochs), 8 GPUs (effective batch 1024 = 128 x 8)
+  torchrun --nproc_per_node 8 main_finetune.py --model vit_tiny_patch16 --finetune mae_tiny_400e.pth \
+      --data_path /data/imagenet --output_dir out/ft_tiny
+  # ... with MAE-Lite's relative position bias (their RPE runs use 1000 epochs)
+  ... --rpe --epochs 1000
+  # official MAE ViT-B recipe (100 epochs, layer decay 0.65, mixup/cutmix, random erasing, label smoothing)
+  torchrun --nproc_per_node 8 main_finetune.py --recipe fb --model vit_base_patch16 \
+      --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --output_dir out/ft_base
+  # MAE-Lite transfer (SGD, lr 0.1, 50 epochs, effective batch 512 = 64 x 8) to e.g. CIFAR-100
+  torchrun --nproc_per_node 8 main_finetune.py --recipe transfer --dataset cifar100 --data_path /data/cifar \
+      --model vit_tiny_patch16 --finetune mae_tiny_400e.pth --output_dir out/cifar100
+  # evaluate a fine-tuned checkpoint
+  python main_finetune.py --eval --resume out/ft_tiny/checkpoint-best.pth --model vit_tiny_patch16 \
+      --data_path /data/imagenet
+
+Every value of a --recipe can be overridden by its flag (e.g. `--recipe fb --mixup 0`). `--resume` continues an
+interrupted fine-tune (rerunning the same command does it by itself); `--finetune` starts one from pre-trained
+weights of any supported layout (util/pretrained.py).
+
+References:
+  MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (fine-tuning recipe, GAP
+             head with fc_norm, head init std 2e-5).
+  BEiT     - Bao et al., ICLR 2022 (layer-wise lr decay, relative position bias).
+  DeiT     - Touvron et al., ICML 2021 (RandAugment, mixup/cutmix, random erasing, EMA; through timm).
+  MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023 (improved
+             recipe for ViT-Tiny: layer decay 0.85, weak mixup, no erasing/smoothing/drop path; RPE; transfer recipe).
+"""
+import argparse
+import copy
+import logging
+import os
+import time
+
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, RandAugment, create_transform
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
+import models_vit
+from util import dist
+from util.args import common_parser, fill_defaults, resolve_lr
+from util.checkpoint import load_file, resume, resume_path, save_checkpoint, unwrap_model
+from util.data import build_loader, eval_transform
+from util.datasets import DATASETS, build_dataset
+from util.engine import make_scaler, train_one_epoch
+from util.evaluate import evaluate
+from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.lr_decay import param_groups_lrd
+from util.pretrained import load_pretrained
+from util.rng import seed_everything
+
+log = logging.getLogger('mim')
+
+COMMON = dict(model='vit_tiny_patch16', input_size=224, crop_pct=224 / 256, cutmix_minmax=None)
+RECIPES = {
+    # MAE-Lite's improved recipe for ViT-Tiny: weaker regularisation suits a small model (SPEC §4)
+    'ml_improved': dict(epochs=300, batch_size=128, blr=1e-3, warmup_epochs=5, weight_decay=0.05, min_lr=1e-6,
+                        layer_decay=0.85, drop_path=0.0, aa='rand-m10-mstd0.5-inc1', mixup=0.2, cutmix=0.0,
+                        reprob=0.0, smoothing=0.0, opt='adamw'),
+    # official MAE, ViT-B
+    'fb': dict(epochs=100, batch_size=128, blr=5e-4, warmup_epochs=5, weight_decay=0.05, min_lr=1e-6,
+               layer_decay=0.65, drop_path=0.1, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0, reprob=0.25,
+               smoothing=0.1, opt='adamw'),
+    # MAE-Lite transfer to small datasets: plain crops and flips, SGD with an absolute lr
+    'transfer': dict(epochs=50, batch_size=64, lr=0.1, warmup_epochs=10, weight_decay=0.0, min_lr=0.0,
+                     clip_grad=1.0, layer_decay=0.75, drop_path=0.0, aa='none', mixup=0.0, cutmix=0.0, reprob=0.0,
+                     smoothing=0.0, opt='sgd'),
+}
+# the embedded digits: a demo-sized ViT (the encoder of main_pretrain.py's demo MAE) and a few-minute run; a few
+# hundred steps instead of ImageNet's 375k, so a higher blr (as main_pretrain's demo). crop_pct 1: the digits fill
+# the 32 px frame, a resize-then-centre-crop would cut their edges off.
+DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=32, crop_pct=1.0, batch_size=64, epochs=5, warmup_epochs=1,
+                     blr=4e-3)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('ViT fine-tuning', parents=[common_parser()])
+    p.set_defaults(min_lr=None)  # the recipe's (1e-6 fine-tune, 0 transfer)
+    g = p.add_argument_group('recipe')
+    g.add_argument('--recipe', default='ml_improved', choices=sorted(RECIPES),
+                   help='preset of schedule, optimizer and augmentation (SPEC §4): ml_improved = MAE-Lite ViT-Tiny, '
+                        'fb = official MAE ViT-B, transfer = MAE-Lite transfer (SGD). Any flag overrides its value')
+    g.add_argument('--opt', default=None, choices=['adamw', 'sgd'], help='optimizer (default: the recipe\'s)')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD (Nesterov) momentum')
+    g.add_argument('--layer_decay', type=float, default=None,
+                   help='layer-wise lr decay: block i gets lr * decay^(depth + 1 - (i + 1)); the embeddings get the '
+                        'smallest lr, the head the full lr (default: the recipe\'s)')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default=None, help=f'ViT factory in models_vit.py (default {COMMON["model"]}; '
+                                                 'vit_demo_patch4 on the demo data)')
+    g.add_argument('--finetune', default='', help='pre-trained weights to start from (MAE/MAE-Lite/TinyMIM/MoCo-v3/'
+                                                  'timm layouts); the head is re-initialised (trunc-normal std 2e-5)')
+    g.add_argument('--global_pool', default='avg', choices=['avg', 'token'],
+                   help='avg: mean of patch tokens + fc_norm (official MAE fine-tuning); token: cls after norm')
+    g.add_argument('--rpe', action='store_true',
+                   help='MAE-Lite RPE model: BEiT-style relative position bias per block and separate q/v biases '
+                        '(a checkpoint\'s qkv bias is split into them)')
+    g.add_argument('--drop_path', type=float, default=None, help='stochastic depth rate (default: the recipe\'s)')
+    g.add_argument('--nb_classes', type=int, default=None, help='head size (default: the dataset\'s class count)')
+    g.add_argument('--model_ema', action='store_true', help='keep an EMA of the weights and report its accuracy too '
+                                                            '(test_ema_*)')
+    g.add_argument('--model_ema_decay', type=float, default=0.9999, help='EMA decay per optimizer step')
+    g.add_argument('--model_ema_warmup', action='store_true',
+                   help='ramp the EMA decay up from 0 (timm\'s warmup), useful for short runs where 0.9999 would '
+                        'keep the EMA near its start')
+    g = p.add_argument_group('augmentation and regularisation')
+    g.add_argument('--aa', default=None,
+                   help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1; 'none' = crop + flip only "
+                        "(default: the recipe's)")
+    g.add_argument('--color_jitter', type=float, default=None,
+                   help='colour jitter strength (off when unset; timm ignores it under RandAugment)')
+    g.add_argument('--reprob', type=float, default=None, help='random erasing probability (default: the recipe\'s)')
+    g.add_argument('--remode', default='pixel', help='random erasing fill mode')
+    g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--smoothing', type=float, default=None, help='label smoothing (default: the recipe\'s)')
+    g.add_argument('--mixup', type=float, default=None, help='mixup alpha; 0 = off (default: the recipe\'s)')
+    g.add_argument('--cutmix', type=float, default=None, help='cutmix alpha; 0 = off (default: the recipe\'s)')
+    g.add_argument('--cutmix_minmax', type=float, nargs=2, default=None,
+                   help='cutmix box ratio min/max (overrides --cutmix alpha when set)')
+    g.add_argument('--mixup_prob', type=float, default=1.0, help='probability of applying mixup or cutmix to a batch')
+    g.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                   help='probability of cutmix instead of mixup when both are on')
+    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'],
+                   help='one mixing coefficient per batch, per pair or per element')
+    g = p.add_argument_group('data and evaluation')
+    g.add_argument('--dataset', default=None, choices=sorted(DATASETS),
+                   help='dataset under --data_path (layouts in util/datasets.py); default folder (ImageNet style), '
+                        'or demo when --data_path is empty')
+    g.add_argument('--download', action='store_true', help='let torchvision download the dataset into --data_path '
+                                                           '(never done otherwise)')
+    g.add_argument('--crop_pct', type=float, default=None,
+                   help='evaluation: resize to input_size / crop_pct, centre-crop input_size (224/256; 1 on the demo)')
+    g.add_argument('--eval', action='store_true',
+                   help='only evaluate the checkpoint given by --resume (or --finetune) and exit')
+    return p
+
+
+def build_transform(train, args):
+    """Training: timm's RandomResizedCrop + flip (+ RandAugment, random erasing); evaluation: resize + centre crop."""
+    if not train:
+        return eval_transform(args.input_size, args.crop_pct, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    transform = create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=None if args.aa in (None, 'none') else args.aa, interpolation='bicubic',
+                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    for t in transform.transforms:
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith('Posterize'):
+                    op.aug_fn = posterize
+    return transform
+
+
+def posterize(img, bits, **_):
+    """timm's posterize op, including 0 bits. RandAugment's 'PosterizeIncreasing' keeps 4 - int(0.4 * magnitude) bits:
+    0 at magnitude 10, which MAE-Lite's m10 (mstd 0.5) draws for about half of its posterize calls. Older Pillow
+    turned 0 bits into a black image; current Pillow raises ValueError and kills the data loader."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)  # all zeros, what the 0-bit mask ~255 gave
+    return ImageOps.posterize(img, bits)
+
+
+def set_recipe_defaults(args):
+    """preset < explicit flag; demo sizes when --data_path is empty."""
+    recipe = {**COMMON, **RECIPES[args.recipe]}
+    if args.blr is not None:  # an explicit --blr beats a recipe's absolute lr (transfer)
+        recipe.pop('lr', None)
+    fill_defaults(args, recipe, DEMO_DEFAULTS)
+    if args.dataset is None:
+        args.dataset = 'folder' if args.data_path else 'demo'
+    return args
+
+
+def main(args):
+    dist.init_distributed_mode(args)
+    setup_logging(args.rank, args.output_dir)
+    set_recipe_defaults(args)
+    seed_everything(args.seed + args.rank)
+
+    dataset_val, nb_classes = build_dataset(args.dataset, args.data_path, False, build_transform(False, args),
+                                            args.download)
+    loader_val = build_loader(dataset_val, args.batch_size, args.num_workers, args.pin_mem, train=False)
+    if not args.eval:
+        dataset_train, nb_train = build_dataset(args.dataset, args.data_path, True, build_transform(True, args),
+                                                args.download)
+        nb_classes = max(nb_classes, nb_train)
+        loader_train = build_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, train=True,
+                                    seed=args.seed)
+        if len(loader_train) == 0:
+            raise ValueError(f'{args.dataset}: {len(dataset_train)} training images, fewer than one batch of '
+                             f'{args.batch_size} per process ({args.world_size} processes); lower --batch_size')
+    if args.nb_classes is None:
+        args.nb_classes = nb_classes
+    elif args.nb_classes < nb_classes:
+        raise ValueError(f'--nb_classes {args.nb_classes} is smaller than the {nb_classes} classes of {args.dataset}')
+
+    rpe = {'rel_pos_bias': True} if args.rpe else {}
+    model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                    global_pool=args.global_pool, drop_path_rate=args.drop_path, **rpe)
+    start_from = resume_path(args)
+    if args.finetune and not args.eval and not start_from:
+        load_pretrained(model, args.finetune)
+        trunc_normal_(model.head.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
+        torch.nn.init.zeros_(model.head.bias)
+    elif args.finetune and start_from and not args.eval:
+        log.info(f'resuming from {start_from}: --finetune {args.finetune} is superseded')
+    model.to(args.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    if args.eval:
+        return evaluate_checkpoint(model, loader_val, args)
+
+    model_ema = None
+    if args.model_ema:  # a copy on the same device, outside DDP (its update reads the unwrapped weights)
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
+                                                          else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    resolve_lr(args)
+    if args.blr is None:  # absolute lr (transfer): report its per-256 equivalent
+        args.blr = args.lr * 256 / args.eff_batch_size
+    groups = param_groups_lrd(model_without_ddp, args.weight_decay, args.layer_decay)
+    if args.opt == 'adamw':
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=str(args.device).startswith('cuda'))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    scaler = make_scaler(args)
+    start_epoch = resume(args, model_without_ddp, optimizer, scaler)
+    best = dict(acc1=-1.0, epoch=-1)
+    if start_epoch > 0:  # the EMA weights and the best accuracy so far ride along in the checkpoint
+        ckpt = load_file(start_from)
+        best = ckpt.get('best', best)
+        if model_ema is not None and 'model_ema' in ckpt:
+            model_ema.module.load_state_dict(ckpt['model_ema'])
+
+    log.info(f'{args.model}: {n_parameters / 1e6:.2f}M trainable parameters; {args.dataset}: {len(dataset_train)} '
+             f'train / {len(dataset_val)} val images, {args.nb_classes} classes')
+    log.info(f'recipe {args.recipe}: blr {args.blr:.3g}  lr {args.lr:.3g}  effective batch {args.eff_batch_size} '
+             f'({args.batch_size} x {args.accum_iter} accum x {args.world_size} processes)  '
+             f'{args.opt}  layer decay {args.layer_decay}')
+    log.info('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    log_writer = make_tb_writer(args.log_dir)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        criterion = SoftTargetCrossEntropy()  # mixup makes soft targets (smoothing is folded into them)
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    def step(model, images, targets):
+        if mixup_fn is not None:
+            if images.shape[0] % 2:  # mixup pairs images with the flipped batch: needs an even count (a batch
+                images, targets = images[:-1], targets[:-1]  # loses one when an unreadable image was dropped)
+            images, targets = mixup_fn(images, targets)
+        return criterion(model(images), targets), {}
+
+    ema_steps = start_epoch * (len(loader_train) // args.accum_iter)
+
+    def after_step(model):
+        nonlocal ema_steps
+        ema_steps += 1
+        model_ema.update(unwrap_model(model), step=ema_steps)
+
+    if start_epoch >= args.epochs:
+        log.info(f'nothing to do: training already finished {args.epochs} epochs')
+    test_stats = ema_stats = {}
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, step, loader_train, optimizer, epoch, args, scaler,
+                                      after_step=after_step if model_ema is not None else None, log_writer=log_writer)
+        test_stats = evaluate(model, loader_val, args)
+        names = ['last']
+        if test_stats['acc1'] > best['acc1']:
+            best = dict(acc1=test_stats['acc1'], acc5=test_stats['acc5'], epoch=epoch)
+            names.append('best')
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            names.append(str(epoch))
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()}}
+        extra = {'best': best}
+        if model_ema is not None:
+            ema_stats = evaluate(model_ema.module, loader_val, args)
+            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+            extra['model_ema'] = model_ema.module.state_dict()
+        save_checkpoint(args, epoch, model, optimizer, scaler, names, extra=extra)
+        log.info(f'epoch {epoch}: acc1 {test_stats["acc1"]:.2f}  best {best["acc1"]:.2f} (epoch {best["epoch"]})')
+        if log_writer is not None:
+            for k in ('acc1', 'acc5', 'loss'):
+                log_writer.add_scalar(f'test_{k}', test_stats[k], epoch)
+        write_epoch_log(args.output_dir, {**log_stats, 'epoch': epoch, 'n_parameters': n_parameters})
+    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    if log_writer is not None:
+        log_writer.close()
+    dist.cleanup()
+    result = {**test_stats, 'best_acc1': best['acc1'], 'best_epoch': best['epoch']}
+    result.update({f'ema_{k}': v for k, v in ema_stats.items()})
+    return result
+
+
+def evaluate_checkpoint(model, loader, args):
+    """--eval: load the fine-tuned weights (head included; a missing head is an error, not a random one) and
+    report top-1/top-5; also the EMA weights when the checkpoint carries them."""
+    path = resume_path(args) or args.finetune
+    if not path:
+        raise ValueError('--eval needs the checkpoint to evaluate: --resume CKPT')
+    info = load_pretrained(model, path)
+    if info['missing']:
+        raise KeyError(f'{path}: cannot evaluate, the checkpoint lacks {info["missing"][:8]} (a pre-training '
+                       'checkpoint? fine-tune it first)')
+    stats = evaluate(model, loader, args)
+    raw = info['source']
+    if isinstance(raw, dict) and 'model_ema' in raw:
+        ema = copy.deepcopy(model)
+        ema.load_state_dict(raw['model_ema'])
+        stats.update({f'ema_{k}': v for k, v in evaluate(ema, loader, args).items()})
+    log.info(f'{path}: ' + '  '.join(f'{k} {v:.3f}' for k, v in stats.items()))
+    dist.cleanup()
+    return stats
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    main(args)

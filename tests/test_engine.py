@@ -1,0 +1,93 @@
+"""The shared training loop (util/engine.py): non-finite guard and skipped-image accounting."""
+import argparse
+
+import pytest
+import torch
+
+from util.engine import NonFiniteLossError, train_one_epoch
+
+
+def _args(**kw):
+    base = dict(accum_iter=1, clip_grad=None, print_freq=100, max_nonfinite=3, device='cpu', amp='none', lr=0.1,
+                min_lr=0.0, warmup_epochs=0, epochs=1)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _loader(flags, n_bad=0):
+    """One (images, targets, n_skipped) triple per flag; a target of 1 tells the step to make its loss NaN."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 4, generator=g), torch.full((2,), int(bad)), n_bad) for bad in flags]
+
+
+def _step(model, images, targets):
+    loss = (model(images) ** 2).mean()
+    if targets[0] == 1:
+        loss = loss * float('nan')
+    return loss, {'aux': torch.tensor(1.0)}
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_nonfinite_steps_are_skipped():
+    """A NaN loss leaves the weights untouched and is counted in skipped_steps."""
+    model, optimizer, before = _setup()
+    stats = train_one_epoch(model, _step, _loader([True, True]), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 2
+    assert _unchanged(model, before)
+    assert all(p.grad is None for p in model.parameters())  # the NaN gradient is not carried into the next step
+
+
+def test_nonfinite_limit_raises():
+    """max_nonfinite NaN steps in a row raise NonFiniteLossError, with the weights still untouched."""
+    model, optimizer, before = _setup()
+    seen = []
+    step = lambda m, x, t: seen.append(1) or _step(m, x, t)  # noqa: E731
+    with pytest.raises(NonFiniteLossError):
+        train_one_epoch(model, step, _loader([True] * 5), optimizer, 0, _args(max_nonfinite=3))
+    assert len(seen) == 3
+    assert _unchanged(model, before)
+
+
+def test_nonfinite_count_resets_after_a_good_step():
+    """Only NaN steps *in a row* count toward the limit; good steps still update the weights."""
+    model, optimizer, before = _setup()
+    stats = train_one_epoch(model, _step, _loader([True, True, False, True, True]), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 4
+    assert not _unchanged(model, before)
+    assert stats['aux'] == 1.0
+
+
+def test_good_epoch_updates_weights_and_counts_skipped_images():
+    """A finite epoch steps the optimizer every iteration and sums the loader's skipped-image counts."""
+    model, optimizer, before = _setup()
+    stats = train_one_epoch(model, _step, _loader([False] * 4, n_bad=1), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 0 and stats['skipped_images'] == 4
+    assert optimizer.state[model.weight]['step'] == 4
+    assert not _unchanged(model, before)
+    assert stats['loss'] > 0
+
+
+def test_gradient_accumulation_steps_every_accum_iter():
+    """With accum_iter=2 the optimizer steps once per two batches (and on the last, incomplete group)."""
+    model, optimizer, _ = _setup()
+    train_one_epoch(model, _step, _loader([False] * 5), optimizer, 0, _args(accum_iter=2))
+    assert optimizer.state[model.weight]['step'] == 3
+
+
+def test_fully_unreadable_batch_is_skipped_with_accumulation():
+    """A batch whose images were all unreadable (empty tensors) is skipped and counted, also with accum_iter=2
+    where it falls on the iteration that would set the learning rate."""
+    model, optimizer, before = _setup()
+    loader = [(torch.empty(0), torch.empty(0, dtype=torch.long), 2)] + _loader([False] * 3)
+    stats = train_one_epoch(model, _step, loader, optimizer, 0, _args(accum_iter=2))
+    assert stats['skipped_images'] == 2
+    assert not _unchanged(model, before)
