@@ -1,13 +1,17 @@
 """main_finetune.py: short real runs through main(args) on tiny synthetic data, presets, --eval, --finetune."""
+import inspect
 import json
 import os
 import shutil
 
 import pytest
 import torch
+from PIL import Image
+from timm.data import RandAugment
 
 import main_finetune
 import models_mae
+import models_vit
 from conftest import make_image_folder
 from util.checkpoint import load_file
 
@@ -77,20 +81,50 @@ def test_eval_refuses_a_checkpoint_without_head(train_val_folder, tmp_path):
         main_finetune.main(tiny(train_val_folder, tmp_path / 'ev', '--eval', '--resume', path))
 
 
-def test_finetune_loads_weights_and_reinits_head(train_val_folder, tmp_path):
+HAS_RPE = 'rel_pos_bias' in inspect.signature(models_vit.VisionTransformer).parameters
+
+
+@pytest.mark.parametrize('rpe', [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_RPE, reason='models_vit has no RPE option yet'))])
+def test_finetune_loads_weights_and_reinits_head(train_val_folder, tmp_path, rpe):
     mae = models_mae.mae_vit_test()
+    with torch.no_grad():
+        for b in mae.blocks:
+            b.attn.qkv.bias.normal_()
     path = str(tmp_path / 'mae.pth')
     torch.save({'model': mae.state_dict(), 'epoch': 3}, path)
     out = tmp_path / 'ft'
     os.makedirs(out)
     # lr 0: the saved weights are exactly what was loaded (AdamW's decoupled decay is scaled by the lr too)
-    main_finetune.main(tiny(train_val_folder, out, '--epochs', '1', '--finetune', path, '--lr', '0', '--aa', 'none'))
+    main_finetune.main(tiny(train_val_folder, out, '--epochs', '1', '--finetune', path, '--lr', '0', '--aa', 'none',
+                            *(['--rpe'] if rpe else [])))
     sd = load_file(os.path.join(out, 'checkpoint-last.pth'))['model']
     src = mae.state_dict()
     for k in ('patch_embed.proj.weight', 'pos_embed', 'cls_token', 'blocks.1.attn.qkv.weight', 'blocks.0.mlp.fc2.bias'):
         assert torch.equal(sd[k], src[k]), k
     assert 'norm.weight' not in sd and torch.equal(sd['fc_norm.weight'], torch.ones(32))  # GAP layout
     assert 0 < sd['head.weight'].std() < 1e-4 and torch.equal(sd['head.bias'], torch.zeros(2))  # std 2e-5
+    if rpe:  # the fused qkv bias became separate q/v biases; the bias tables start at 0
+        b = src['blocks.1.attn.qkv.bias']
+        assert torch.equal(sd['blocks.1.attn.q_bias'], b[:32]) and torch.equal(sd['blocks.1.attn.v_bias'], b[64:])
+        assert 'blocks.1.attn.qkv.bias' not in sd
+        assert not sd['blocks.0.attn.relative_position_bias_table'].any()
+    else:
+        assert torch.equal(sd['blocks.1.attn.qkv.bias'], src['blocks.1.attn.qkv.bias'])
+
+
+def test_randaugment_m10_posterize_survives_current_pillow():
+    """MAE-Lite's rand-m10 asks timm for posterize to 0 bits, which current Pillow rejects; we give a black image."""
+    args = main_finetune.set_recipe_defaults(finetune_args('--data_path', '/x', '--aa', 'rand-m10-mstd0-inc1',
+                                                           '--input_size', '32'))
+    transform = main_finetune.build_transform(True, args)
+    ra = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == 'PosterizeIncreasing')
+    op.prob = 1.0
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    assert op(img).getextrema() == ((0, 0), (0, 0), (0, 0))  # 4 - int(10 / 10 * 4) = 0 bits kept
+    assert main_finetune.posterize(img, 1).getpixel((0, 0)) == (128, 0, 0)
+    assert main_finetune.posterize(img, 8) is img
 
 
 @pytest.mark.parametrize('recipe, opt_cls, decay', [('transfer', 'sgd', 0.75), ('fb', 'adamw', 0.65)])
