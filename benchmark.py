@@ -24,6 +24,11 @@ A configuration is comma-separated key=value overrides of the flags below (impl,
 amp, compile, device, mask_ratio, norm_pix_loss, threads). peak_mem_mb is torch.cuda.max_memory_allocated on a
 GPU; on CPU it is the process's peak resident set (ru_maxrss), so it includes whatever ran before in the process.
 
+On CPU, glibc's malloc hands the large activation buffers back to the kernel after every step and the next step
+page-faults them in again (about 0.3 s of system time per ViT-Tiny step on 2 cores). Training and this benchmark
+both run faster with it switched off, which needs no code change (see docs/BENCHMARKS.md):
+  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmark.py --compare impl=ours impl=baseline
+
 References:
   MAE - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (the baseline step follows the
         paper's description: embed every patch, shuffle by sorted noise and keep the first 25%, decoder appends
@@ -203,6 +208,8 @@ def make_config(args, spec=''):
         setattr(cfg, k, (types[k] or str)(v))
     if cfg.impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {cfg.impl!r}')
+    if cfg.amp not in ('none', 'bf16', 'fp16'):
+        raise ValueError(f"amp must be one of none, bf16, fp16, got {cfg.amp!r}")
     if cfg.device == 'auto':
         cfg.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     cfg.spec = spec

@@ -12,7 +12,9 @@
   ... --eval --resume ./output_linprobe/checkpoint-last.pth
 
 Only the head trains: BatchNorm1d(D, affine=False) -> Linear. The encoder is frozen and stays in eval mode even in
-the training loop, so its dropout/drop-path are off and its features are those of inference.
+the training loop, so its dropout/drop-path are off and its features are those of inference. Train images get
+RandomResizedCrop (scale 0.08-1, bicubic) + flip as in the official probe (milder on the demo digits, see
+DEMO_DEFAULTS); val images the centre crop.
 
 References:
   MAE     - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (the probe: BN without affine
@@ -51,7 +53,8 @@ DEFAULTS = dict(model='vit_tiny_patch16', input_size=224, batch_size=512, epochs
 # Demo: LARS steps are relative to each weight's norm (about lr * 0.001 * ||w|| per step, times ~10 from momentum),
 # so what a probe needs is enough lr x steps, not an lr per image. The official run makes ~7,000 steps at lr 6.4;
 # the demo's 220 (10 epochs of 22) need lr 25 = blr 100 at batch 64. Digits are not mirror-symmetric and 8 % crops of
-# a 32-px digit leave little to recognise, so the demo crops milder and does not flip.
+# a 32-px digit leave little to recognise, so the demo crops milder and does not flip. At this lr the head's bias
+# (1-D, so plain momentum SGD under LARS) overshoots at first: the train loss peaks near 20 in epoch 1, then falls.
 DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=32, batch_size=64, epochs=10, warmup_epochs=1, blr=100.0,
                      min_crop_scale=0.35, hflip=False)
 
@@ -173,7 +176,8 @@ def main(args):
     n_frozen = sum(p.numel() for p in encoder.parameters())
     log.info(f'{args.model} ({n_frozen / 1e6:.2f}M frozen) + head ({n_parameters} trainable parameters), '
              f'feature {args.feature!r} of block {args.probe_layer if args.probe_layer is not None else "last"}; '
-             f'{args.nb_classes} classes; train {len(train_set)} / val {len(val_set)} images')
+             f'{args.nb_classes} classes; train {len(train_set)} / val {len(val_set)} images; train crops scale '
+             f'({args.min_crop_scale}, 1){" + flip" if args.hflip else ", no flip"}')
     log.info(f'{args.optimizer}: blr {args.blr:.3g}  lr {args.lr:.3g}  effective batch {args.eff_batch_size} '
              f'({args.batch_size} x {args.accum_iter} accum x {args.world_size} processes)')
     log.info('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))

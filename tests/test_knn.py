@@ -11,6 +11,15 @@ from main_knn import knn_classify
 from test_linprobe import make_color_folder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def brute_force(train, train_labels, test, num_classes, k, T):
     """One test sample at a time, in float64 and plain Python: the class votes of SPEC §4.2."""
     out = []
