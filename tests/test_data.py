@@ -53,3 +53,17 @@ def test_corrupt_image_is_counted_once_per_epoch(tmp_path, image_folder_factory,
     assert [r['train_skipped_images'] for r in rows] == [1, 1]
     assert all(np.isfinite(r['train_loss']) for r in rows)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_demo_dir_that_holds_something_else_is_named(tmp_path, monkeypatch):
+    """$MIM_DEMO_DIR pointing at a non-empty folder that is not the demo data: an error naming the folder and what
+    to do, not a missing-val/ crash later, and the user's files are left alone."""
+    import pytest
+    from util.data import demo_root
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+    monkeypatch.setenv('MIM_DEMO_DIR', str(tmp_path / 'mine'))
+    with pytest.raises(FileExistsError, match='MIM_DEMO_DIR'):
+        demo_root()
+    assert os.listdir(tmp_path / 'mine') == ['notes.txt']
+    assert sorted(os.listdir(tmp_path)) == ['mine']  # the temporary copy was removed

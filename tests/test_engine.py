@@ -91,3 +91,53 @@ def test_fully_unreadable_batch_is_skipped_with_accumulation():
     stats = train_one_epoch(model, _step, loader, optimizer, 0, _args(accum_iter=2))
     assert stats['skipped_images'] == 2
     assert not _unchanged(model, before)
+
+
+def test_skipped_nan_step_stays_out_of_the_epoch_means():
+    """The logged epoch loss averages the steps taken: one skipped NaN step must not turn it into NaN."""
+    model, optimizer, _ = _setup()
+    losses = []
+
+    def step(m, x, t):
+        loss, metrics = _step(m, x, t)
+        losses.append(loss.item())
+        return loss, metrics
+
+    stats = train_one_epoch(model, step, _loader([False, True, False]), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 1
+    assert stats['loss'] == pytest.approx((losses[0] + losses[2]) / 2)
+
+
+def test_unreadable_batch_under_ddp_replays_the_last_batch_at_zero_weight(monkeypatch):
+    """Under DDP an all-unreadable batch still runs forward and backward (the other ranks' all-reduce waits for it),
+    on the last readable batch with zero weight: it is not logged, and a first batch with nothing readable is an
+    error naming the cause."""
+    from util import engine
+    monkeypatch.setattr(engine.dist, 'is_dist', lambda: True)
+    # one process stands for the group: no real collectives
+    for name, fn in [('all_reduce_mean', float), ('all_reduce_sum', float), ('get_world_size', lambda: 1),
+                     ('get_rank', lambda: 0)]:
+        monkeypatch.setattr(engine.dist, name, fn)
+    model, optimizer, _ = _setup()
+    seen = []
+
+    def step(m, x, t):
+        seen.append(x)
+        return _step(m, x, t)
+
+    good = _loader([False, False])
+    empty = (torch.empty(0), torch.empty(0, dtype=torch.long), 2)
+    stats = train_one_epoch(model, step, [good[0], empty, good[1]], optimizer, 0, _args())
+    assert len(seen) == 3 and torch.equal(seen[1], good[0][0])
+    assert stats['skipped_images'] == 2
+    # the replayed step contributed a zero gradient: the accumulated .grad of a 2-micro-step group equals the
+    # good batch's own gradient
+    model, optimizer, _ = _setup()
+    loss, _ = _step(model, good[0][0], good[0][1])
+    expected = torch.autograd.grad(loss / 2, model.weight)[0]
+    captured = {}
+    optimizer.step = lambda: captured.setdefault('grad', model.weight.grad.clone())
+    train_one_epoch(model, _step, [good[0], empty], optimizer, 0, _args(accum_iter=2))
+    assert torch.allclose(captured['grad'], expected)
+    with pytest.raises(RuntimeError, match='no readable image'):
+        train_one_epoch(model, _step, [empty] + good, optimizer, 0, _args())

@@ -124,8 +124,11 @@ def materialise_digits(root):
         pil.resize((DEMO_SIZE, DEMO_SIZE), Image.BICUBIC).convert('RGB').save(os.path.join(d, f'{i:04d}.png'))
     try:
         os.rename(tmp, root)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished first, or `root` is a folder that holds something else
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(os.path.join(root, 'val')):
+            raise FileExistsError(f'cannot write the demo data to {root}: the folder exists and is not the demo data '
+                                  f'(no val/ inside); point $MIM_DEMO_DIR at a new or empty folder') from None
     log.info(f'demo data (scikit-learn digits) written to {root}')
 
 

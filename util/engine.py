@@ -52,7 +52,8 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
         loader: yields (images, targets, n_skipped) as `util.data.collate_skip` makes.
         after_step(model): called after every optimizer step (EMA, momentum teachers).
     The lr follows the per-iteration warmup-cosine schedule times each group's `lr_scale`. A step whose gradient
-    norm is not finite is skipped and counted; `args.max_nonfinite` such steps in a row abort the run.
+    norm is not finite is skipped and counted, and left out of the epoch means; `args.max_nonfinite` such steps in a
+    row abort the run. A batch with no readable image is skipped (replayed at zero weight under DDP).
     Returns: dict of epoch averages (over ranks) plus `skipped_steps` and `skipped_images`.
     """
     model.train(True)
@@ -62,14 +63,25 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
     max_norm = args.clip_grad if args.clip_grad else math.inf
     skipped_steps = skipped_images = bad_in_a_row = 0
     n = len(loader)
+    pending = []  # the micro-steps' (loss, metrics) of this optimizer step, logged only if the step is taken
+    last_good = None  # the last readable batch, replayed at zero weight in place of an all-unreadable one
     optimizer.zero_grad(set_to_none=True)
     batch_size_fn = lambda b: b[0].shape[0] * dist.get_world_size()  # noqa: E731
     for it, (images, targets, n_bad) in enumerate(metric_logger.log_every(loader, args.print_freq, batch_size_fn)):
         skipped_images += n_bad
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / n, args)
+        weight = 1.0
         if images.shape[0] == 0:  # every image of this batch was unreadable
-            continue
+            if last_good is None and not dist.is_dist():
+                continue
+            if last_good is None:
+                raise RuntimeError(f'epoch {epoch}: the first batch of rank {dist.get_rank()} had no readable '
+                                   f'image ({n_bad} unreadable); check the data folder')
+            # Under DDP every rank must run forward and backward, or the gradient all-reduce of the other ranks
+            # waits for ever: rerun the last readable batch with its loss multiplied by zero.
+            images, targets, weight = *last_good, 0.0
+        last_good = images, targets
         images = images.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         last_micro_step = (it + 1) % accum == 0 or it + 1 == n
@@ -78,36 +90,42 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
         with sync:
             with autocast(args):
                 loss, metrics = step_fn(model, images, targets)
-            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-        if last_micro_step:
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # gradients are identical on every rank after the all-reduce, so every rank takes the same decision
-            finite = bool(torch.isfinite(grad_norm))
-            if scaler:
-                scaler.step(optimizer)  # skips by itself on inf/nan
-                scaler.update()
-            elif finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if finite:
-                bad_in_a_row = 0
-                if after_step is not None:
-                    after_step(model)
-            else:
-                skipped_steps += 1
-                bad_in_a_row += 1
-                log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({loss.item():.4g}); step skipped '
-                            f'({bad_in_a_row} in a row)')
-                if bad_in_a_row >= args.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f'{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch {epoch}, '
-                        f'iteration {it}). Training stopped; checkpoint-last.pth holds the last good epoch. Try a '
-                        f'lower --blr, --clip_grad, or --amp bf16/none instead of fp16.')
-            metric_logger.update(grad_norm=grad_norm)
-        metric_logger.update(loss=loss.detach(), lr=lr, **metrics)
-        if log_writer is not None and it % args.print_freq == 0:
+            (scaler.scale(loss * (weight / accum)) if scaler else loss * (weight / accum)).backward()
+        if weight:
+            pending.append((loss.detach(), metrics))
+        if not last_micro_step:
+            continue
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # gradients are identical on every rank after the all-reduce, so every rank takes the same decision
+        finite = bool(torch.isfinite(grad_norm))
+        if scaler:
+            scaler.step(optimizer)  # skips by itself on inf/nan
+            scaler.update()
+        elif finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if finite:
+            bad_in_a_row = 0
+            if after_step is not None:
+                after_step(model)
+            # the epoch means cover the steps taken only: one skipped NaN step must not make the logged loss NaN
+            for step_loss, step_metrics in pending:
+                metric_logger.update(loss=step_loss, **step_metrics)
+            metric_logger.update(lr=lr, grad_norm=grad_norm)
+        else:
+            skipped_steps += 1
+            bad_in_a_row += 1
+            log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({loss.item():.4g}); step skipped '
+                        f'({bad_in_a_row} in a row)')
+            if bad_in_a_row >= args.max_nonfinite:
+                raise NonFiniteLossError(
+                    f'{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch {epoch}, '
+                    f'iteration {it}). Training stopped; checkpoint-last.pth holds the last good epoch. Try a '
+                    f'lower --blr, --clip_grad, or --amp bf16/none instead of fp16.')
+        pending.clear()
+        if log_writer is not None and finite and it // accum % args.print_freq == 0:
             step = int((epoch + it / n) * 1000)  # x-axis in 1/1000 epochs so curves of different batch sizes align
             log_writer.add_scalar('train_loss', loss.item(), step)
             log_writer.add_scalar('lr', lr, step)

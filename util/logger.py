@@ -16,8 +16,9 @@ log = logging.getLogger('mim')
 def setup_logging(rank=0, output_dir=None):
     """Rank 0 logs INFO to stderr (and to output_dir/train.log); other ranks only WARNING and above."""
     root = logging.getLogger()
-    for h in list(root.handlers):
+    for h in list(root.handlers):  # a second main() in one process (tests, notebooks) must not log twice
         root.removeHandler(h)
+        h.close()
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = logging.Formatter(f'[%(asctime)s{" r" + str(rank) if rank else ""}] %(message)s', '%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stderr)]
