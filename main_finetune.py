@@ -47,12 +47,12 @@ from timm.utils import ModelEmaV3
 import models_vit
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
-from util.checkpoint import load_file, resume, resume_path, save_checkpoint, unwrap_model
+from util.checkpoint import load_file, resume, resume_path, unwrap_model
 from util.data import build_loader, eval_transform
 from util.datasets import DATASETS, build_dataset
-from util.engine import make_scaler, train_one_epoch
+from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.evaluate import evaluate
-from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.logger import make_tb_writer, setup_logging
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
 from util.rng import seed_everything
@@ -232,11 +232,7 @@ def main(args):
     if args.model_ema:  # a copy on the same device, outside DDP (its update reads the unwrapped weights)
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
+    model = dist.wrap_model(model, args)
 
     resolve_lr(args)
     if args.blr is None:  # absolute lr (transfer): report its per-256 equivalent
@@ -298,29 +294,18 @@ def main(args):
         train_stats = train_one_epoch(model, step, loader_train, optimizer, epoch, args, scaler,
                                       after_step=after_step if model_ema is not None else None, log_writer=log_writer)
         test_stats = evaluate(model, loader_val, args)
-        names = ['last']
-        if test_stats['acc1'] > best['acc1']:
+        improved = test_stats['acc1'] > best['acc1']
+        if improved:
             best = dict(acc1=test_stats['acc1'], acc5=test_stats['acc5'], epoch=epoch)
-            names.append('best')
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            names.append(str(epoch))
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()}}
         extra = {'best': best}
         if model_ema is not None:
             ema_stats = evaluate(model_ema.module, loader_val, args)
-            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
             extra['model_ema'] = model_ema.module.state_dict()
-        save_checkpoint(args, epoch, model, optimizer, scaler, names, extra=extra)
         log.info(f'epoch {epoch}: acc1 {test_stats["acc1"]:.2f}  best {best["acc1"]:.2f} (epoch {best["epoch"]})')
-        if log_writer is not None:
-            for k in ('acc1', 'acc5', 'loss'):
-                log_writer.add_scalar(f'test_{k}', test_stats[k], epoch)
-        write_epoch_log(args.output_dir, {**log_stats, 'epoch': epoch, 'n_parameters': n_parameters})
-    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
-    if log_writer is not None:
-        log_writer.close()
-    dist.cleanup()
+        end_epoch(args, epoch, model, optimizer, scaler, n_parameters, train_stats,
+                  {**test_stats, **{f'ema_{k}': v for k, v in ema_stats.items()}}, log_writer,
+                  also_save=['best'] if improved else [], extra=extra)
+    end_training(start, log_writer)
     result = {**test_stats, 'best_acc1': best['acc1'], 'best_epoch': best['epoch']}
     result.update({f'ema_{k}': v for k, v in ema_stats.items()})
     return result

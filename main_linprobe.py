@@ -36,14 +36,14 @@ from torchvision import transforms
 
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
-from util.checkpoint import load_file, resume, resume_path, save_checkpoint
+from util.checkpoint import load_file, resume, resume_path
 from util.data import SafeImageFolder, build_loader, dataset_root, eval_transform, num_classes
-from util.engine import make_scaler, train_one_epoch
+from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.evaluate import evaluate
 from util.features import (build_frozen_encoder, check_feature, check_probe_args, checkpoint_layout,
                            extract_features, read_state_dict)
 from util.lars import LARS
-from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.logger import make_tb_writer, setup_logging
 from util.rng import seed_everything
 
 log = logging.getLogger('mim')
@@ -158,11 +158,7 @@ def main(args):
     model = LinearProbe(encoder, args.nb_classes, args.feature, args.probe_layer).to(args.device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
+    model = dist.wrap_model(model, args)
 
     resolve_lr(args)
     head_params = list(model_without_ddp.head.parameters())
@@ -201,26 +197,14 @@ def main(args):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, step, train_loader, optimizer, epoch, args, scaler,
                                       log_writer=log_writer)
-        names = ['last']
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            names.append(str(epoch))
-        save_checkpoint(args, epoch, model, optimizer, scaler, names)
         test_stats = evaluate(model, val_loader, args)
         log.info(f'epoch {epoch}: val top-1 {test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%')
-        if log_writer is not None:
-            for k, v in test_stats.items():
-                log_writer.add_scalar(f'test_{k}', v, epoch)
-        write_epoch_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                          **{f'test_{k}': v for k, v in test_stats.items()},
-                                          'epoch': epoch, 'n_parameters': n_parameters})
+        end_epoch(args, epoch, model, optimizer, scaler, n_parameters, train_stats, test_stats, log_writer)
     if test_stats is None:  # resumed a finished run: report the checkpoint's accuracy
         log.info(f'nothing to do: training already finished {args.epochs} epochs')
         test_stats = evaluate(model, val_loader, args)
-    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}; final val top-1 '
-             f'{test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%')
-    if log_writer is not None:
-        log_writer.close()
-    dist.cleanup()
+    log.info(f'final val top-1 {test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%')
+    end_training(start, log_writer)
     return test_stats
 
 

@@ -17,16 +17,14 @@ import logging
 import os
 import time
 
-import torch
-
 import masking
 import models_mae
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
-from util.checkpoint import resume, save_checkpoint, unwrap_model
+from util.checkpoint import resume, unwrap_model
 from util.data import SafeImageFolder, build_loader, dataset_root, pretrain_transform
-from util.engine import make_scaler, train_one_epoch
-from util.logger import make_tb_writer, setup_logging, write_epoch_log
+from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
+from util.logger import make_tb_writer, setup_logging
 from util.optim import adamw
 from util.rng import seed_everything
 
@@ -74,11 +72,7 @@ def main(args):
                                     drop_path_rate=args.drop_path).to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
+    model = dist.wrap_model(model, args)
 
     resolve_lr(args)
     optimizer = adamw(model_without_ddp, args, betas=(0.9, 0.95))
@@ -105,16 +99,8 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, step, loader, optimizer, epoch, args, scaler, log_writer=log_writer)
-        names = ['last']
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            names.append(str(epoch))
-        save_checkpoint(args, epoch, model, optimizer, scaler, names)
-        write_epoch_log(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
-                                          'n_parameters': n_parameters})
-    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
-    if log_writer is not None:
-        log_writer.close()
-    dist.cleanup()
+        end_epoch(args, epoch, model, optimizer, scaler, n_parameters, stats, log_writer=log_writer)
+    end_training(start, log_writer)
     return model_without_ddp
 
 

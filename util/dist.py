@@ -42,6 +42,17 @@ def init_distributed_mode(args):
     dist.barrier()
 
 
+def wrap_model(model, args):
+    """DDP (when launched distributed), then torch.compile (with --compile) around `model`, already on its device.
+    Keep the plain module for the optimizer and checkpoints: their keys never carry `module.` or `_orig_mod.`."""
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if str(args.device).startswith('cuda') else None)
+    if getattr(args, 'compile', False):
+        model = torch.compile(model)
+    return model
+
+
 def resolve_device(device, local_rank):
     """'auto' picks CUDA when available; a bare 'cuda' becomes this process's GPU."""
     if device == 'auto':

@@ -5,11 +5,13 @@ References: MAE (engine_pretrain.py / engine_finetune.py), merged into one loop;
 import contextlib
 import logging
 import math
+import time
 
 import torch
 
 from util import dist
-from util.logger import MetricLogger
+from util.checkpoint import save_checkpoint
+from util.logger import MetricLogger, write_epoch_log
 from util.lr_sched import adjust_learning_rate
 
 log = logging.getLogger(__name__)
@@ -133,3 +135,29 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
     # every rank skips the same steps (same gradients), but each drops its own unreadable images
     stats.update(skipped_steps=skipped_steps, skipped_images=int(dist.all_reduce_sum(skipped_images)))
     return stats
+
+
+def end_epoch(args, epoch, model, optimizer, scaler, n_parameters, train_stats, test_stats=None, log_writer=None,
+              also_save=(), extra=None):
+    """What every recipe does after an epoch: save checkpoint-last.pth (and checkpoint-{epoch}.pth every
+    --save_freq epochs and at the end, plus `also_save` names such as 'best'), write the epoch's JSON line to
+    log.txt (`train_*`, `test_*`, `epoch`, `n_parameters`) and the test metrics to TensorBoard."""
+    names = ['last', *also_save]
+    if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+        names.append(str(epoch))
+    save_checkpoint(args, epoch, model, optimizer, scaler, names, extra=extra)
+    test_stats = test_stats or {}
+    if log_writer is not None:
+        for k, v in test_stats.items():
+            log_writer.add_scalar(f'test_{k}', v, epoch)
+    write_epoch_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                      **{f'test_{k}': v for k, v in test_stats.items()},
+                                      'epoch': epoch, 'n_parameters': n_parameters})
+
+
+def end_training(start_time, log_writer=None):
+    """Log the wall time, close TensorBoard and leave the process group."""
+    log.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))}')
+    if log_writer is not None:
+        log_writer.close()
+    dist.cleanup()
