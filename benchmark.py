@@ -1,7 +1,7 @@
 """Time MAE pre-training steps on synthetic images: one JSON line per configuration (img/s, step time, peak memory).
 
 A step is what `util.engine.train_one_epoch` does per batch: forward under the chosen autocast, backward, the
-gradient norm, AdamW (fused on CUDA), zero_grad. Times are medians over `--steps` timed steps after `--warmup`
+gradient norm, fused AdamW, zero_grad. Times are medians over `--steps` timed steps after `--warmup`
 untimed ones (the first steps of a compiled model compile it).
 
   # ours: fp32, batch 64, MAE-Lite ViT-Tiny at 224 px, on CUDA if there is one
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 import models_mae
-from util import engine
+from util import engine, perf
 from util.optim import adamw
 
 IMPLS = ('ours', 'baseline')
@@ -69,6 +69,9 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=3,
                    help='untimed steps first (a compiled model compiles in the first one or two)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--malloc', default='keep', choices=['keep', 'default'],
+                   help="'keep': glibc keeps freed memory (util.perf.keep_freed_memory, what training does on CPU); "
+                        "'default': glibc's defaults. A process-wide setting, so not a --compare key")
     p.add_argument('--configs', nargs='+', metavar='K=V,...', help='run these settings one after another')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                    help='alternate two settings step by step in one process and report img/s(A) / img/s(B)')
@@ -234,6 +237,8 @@ def run(benches, steps, warmup):
 
 
 def main(args):
+    if args.malloc == 'keep':
+        perf.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:

@@ -54,6 +54,7 @@ from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.evaluate import evaluate
 from util.logger import make_tb_writer, setup_logging
 from util.lr_decay import param_groups_lrd
+from util.optim import adamw
 from util.pretrained import load_pretrained
 from util.rng import seed_everything
 
@@ -239,7 +240,7 @@ def main(args):
         args.blr = args.lr * 256 / args.eff_batch_size
     groups = param_groups_lrd(model_without_ddp, args.weight_decay, args.layer_decay)
     if args.opt == 'adamw':
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=str(args.device).startswith('cuda'))
+        optimizer = adamw(model_without_ddp, args, groups=groups)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
     scaler = make_scaler(args)

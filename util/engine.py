@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from util import dist
+from util import dist, perf
 from util.checkpoint import save_checkpoint
 from util.logger import MetricLogger, write_epoch_log
 from util.lr_sched import adjust_learning_rate
@@ -58,6 +58,8 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
     row abort the run. A batch with no readable image is skipped (replayed at zero weight under DDP).
     Returns: dict of epoch averages (over ranks) plus `skipped_steps` and `skipped_images`.
     """
+    if torch.device(args.device).type == 'cpu':
+        perf.keep_freed_memory()  # reuse freed activation buffers instead of re-faulting them every step
     model.train(True)
     metric_logger = MetricLogger(header=f'Epoch: [{epoch}]')
     accum = args.accum_iter
