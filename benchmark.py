@@ -44,18 +44,23 @@ import time
 import torch
 import torch.nn as nn
 
+import main_distill
 import models_mae
+import models_vit
 from util import engine, perf
 from util.optim import adamw
 
-IMPLS = ('ours', 'baseline')
+IMPLS = ('ours', 'baseline', 'd_mae', 'd2_mae')
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('MAE pre-training step benchmark')
     p.add_argument('--model', default='mae_vit_tiny_patch16', help='MAE factory in models_mae.py')
     p.add_argument('--impl', default='ours', choices=IMPLS,
-                   help="'ours' = models_mae as trained; 'baseline' = the official-style step below, same weights")
+                   help="'ours' = models_mae as trained; 'baseline' = the official-style step below, same weights; "
+                        "'d_mae' / 'd2_mae' = main_distill's step with a frozen --teacher (the student is --model; "
+                        "d2_mae adds its attention-only extra block)")
+    p.add_argument('--teacher', default='vit_base_patch16', help='teacher ViT factory for d_mae / d2_mae')
     p.add_argument('--baseline', action='store_const', const='baseline', dest='impl', help='same as --impl baseline')
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--input_size', type=int, default=224)
@@ -154,14 +159,25 @@ class Bench:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        mae = models_mae.create_model(cfg.model, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss)
-        mae = mae.to(self.device)
-        self.net = OfficialStyleMAE(mae) if cfg.impl == 'baseline' else mae
+        kw = dict(img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss)
+        if cfg.impl == 'd2_mae':
+            kw['depth'] = models_mae.create_model(cfg.model, **kw).depth + 1
+        mae = models_mae.create_model(cfg.model, **kw).to(self.device)
+        self.net = mae
+        if cfg.impl == 'baseline':
+            self.net = OfficialStyleMAE(mae)
+        elif cfg.impl in ('d_mae', 'd2_mae'):
+            teacher = models_vit.create_model(cfg.teacher, num_classes=0, img_size=cfg.input_size)
+            teacher = teacher.requires_grad_(False).eval().to(self.device)
+            d = len(mae.blocks)
+            decode_idx = (d - 1) * 2 // 3 if cfg.impl == 'd2_mae' else None  # 8 of 12 (+1) for Tiny
+            self.net = main_distill.MAEDistiller(mae, teacher, [(d - 1, teacher.depth - 1)], (), 1.0,
+                                                 decode_idx).to(self.device)
         if cfg.compile:
             self.net = torch.compile(self.net)
         # MAE's optimizer: AdamW, betas (0.9, 0.95), no decay on 1-D parameters and tokens, lr for the batch
         opt_args = argparse.Namespace(weight_decay=0.05, lr=1.5e-4 * cfg.batch_size / 256, device=cfg.device)
-        self.opt = adamw(mae, opt_args, betas=(0.9, 0.95))
+        self.opt = adamw(self.net if cfg.impl.startswith('d') else mae, opt_args, betas=(0.9, 0.95))
         self.params = [p for g in self.opt.param_groups for p in g['params']]
         self.scaler = engine.make_scaler(cfg)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -193,7 +209,7 @@ class Bench:
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return dict(impl=cfg.impl, model=cfg.model, batch=cfg.batch_size, input_size=cfg.input_size, amp=cfg.amp,
+        return dict(impl=cfg.impl, model=cfg.model, **({'teacher': cfg.teacher} if cfg.impl.startswith('d') else {}), batch=cfg.batch_size, input_size=cfg.input_size, amp=cfg.amp,
                     compile=cfg.compile, device=str(self.device), img_per_s=round(cfg.batch_size / ms * 1e3, 2),
                     step_ms=round(ms, 1), step_ms_min=round(min(self.times) * 1e3, 1), steps=len(self.times),
                     peak_mem_mb=round(peak, 1), torch=torch.__version__, threads=torch.get_num_threads())
@@ -205,8 +221,8 @@ def make_config(args, spec=''):
     types = {a.dest: a.type for a in get_args_parser()._actions}
     for item in filter(None, spec.split(',')):
         k, _, v = item.partition('=')
-        if k not in ('impl', 'model', 'batch_size', 'input_size', 'amp', 'compile', 'device', 'mask_ratio',
-                     'norm_pix_loss', 'threads'):
+        if k not in ('impl', 'model', 'teacher', 'batch_size', 'input_size', 'amp', 'compile', 'device',
+                     'mask_ratio', 'norm_pix_loss', 'threads'):
             raise ValueError(f'cannot override {k!r} in a configuration')
         setattr(cfg, k, (types[k] or str)(v))
     if cfg.impl not in IMPLS:
