@@ -46,6 +46,7 @@ import torch.nn as nn
 
 import main_distill
 import models_mae
+import models_swin
 import models_vit
 from util import engine, perf
 from util.optim import adamw
@@ -55,7 +56,9 @@ IMPLS = ('ours', 'baseline', 'd_mae', 'd2_mae')
 
 def get_args_parser():
     p = argparse.ArgumentParser('MAE pre-training step benchmark')
-    p.add_argument('--model', default='mae_vit_tiny_patch16', help='MAE factory in models_mae.py')
+    p.add_argument('--model', default='mae_vit_tiny_patch16',
+                   help='MAE factory in models_mae.py, or a UM-MAE / SimMIM Swin in models_swin.py (mae_swin_tiny at '
+                        '256 px, simmim_swin_tiny at 192 or 256 px; impl ours only)')
     p.add_argument('--impl', default='ours', choices=IMPLS,
                    help="'ours' = models_mae as trained; 'baseline' = the official-style step below, same weights; "
                         "'d_mae' / 'd2_mae' = main_distill's step with a frozen --teacher (the student is --model; "
@@ -64,7 +67,8 @@ def get_args_parser():
     p.add_argument('--baseline', action='store_const', const='baseline', dest='impl', help='same as --impl baseline')
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--input_size', type=int, default=224)
-    p.add_argument('--mask_ratio', type=float, default=0.75)
+    p.add_argument('--mask_ratio', type=float, default=None,
+                   help="default: the model's (0.75 MAE and UM-MAE, 0.6 SimMIM)")
     p.add_argument('--norm_pix_loss', type=_bool, default=True, help='MAE-Lite pre-trains with it (true/false)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
     p.add_argument('--compile', type=_bool, nargs='?', const=True, default=False, help='torch.compile the model')
@@ -162,7 +166,14 @@ class Bench:
         kw = dict(img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss)
         if cfg.impl == 'd2_mae':
             kw['depth'] = models_mae.create_model(cfg.model, **kw).depth + 1
-        mae = models_mae.create_model(cfg.model, **kw).to(self.device)
+        if models_swin.has_model(cfg.model):  # UM-MAE or SimMIM on Swin, as main_pretrain trains them
+            if cfg.impl != 'ours':
+                raise ValueError(f'{cfg.model}: only impl=ours exists for the Swin models')
+            if cfg.model.startswith('simmim'):
+                kw.pop('norm_pix_loss')
+            mae = models_swin.create_model(cfg.model, **kw).to(self.device)
+        else:
+            mae = models_mae.create_model(cfg.model, **kw).to(self.device)
         self.net = mae
         if cfg.impl == 'baseline':
             self.net = OfficialStyleMAE(mae)
@@ -184,12 +195,14 @@ class Bench:
         self.imgs = torch.randn(cfg.batch_size, mae.in_chans, cfg.input_size, cfg.input_size, generator=g)
         self.imgs = self.imgs.to(self.device)
         self.times = []
+        self.rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, before any step
 
     def step(self):
         _sync(self.device)
         t0 = time.perf_counter()
         with engine.autocast(self.cfg):
-            loss = self.net(self.imgs, mask_ratio=self.cfg.mask_ratio)[0]
+            ratio = {} if self.cfg.mask_ratio is None else {'mask_ratio': self.cfg.mask_ratio}
+            loss = self.net(self.imgs, **ratio)[0]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.opt)
@@ -212,7 +225,10 @@ class Bench:
         return dict(impl=cfg.impl, model=cfg.model, **({'teacher': cfg.teacher} if cfg.impl.startswith('d') else {}), batch=cfg.batch_size, input_size=cfg.input_size, amp=cfg.amp,
                     compile=cfg.compile, device=str(self.device), img_per_s=round(cfg.batch_size / ms * 1e3, 2),
                     step_ms=round(ms, 1), step_ms_min=round(min(self.times) * 1e3, 1), steps=len(self.times),
-                    peak_mem_mb=round(peak, 1), torch=torch.__version__, threads=torch.get_num_threads())
+                    peak_mem_mb=round(peak, 1), torch=torch.__version__, threads=torch.get_num_threads(),
+                    # CPU: how far the steps raised the peak RSS above the set-up's (model, optimizer, batch): the
+                    # training-step memory, meaningful for one configuration per process (--configs)
+                    **({} if self.device.type == 'cuda' else {'step_mem_mb': round(peak - self.rss_setup, 1)}))
 
 
 def make_config(args, spec=''):

@@ -14,6 +14,11 @@
   # MAE-Lite transfer (SGD, lr 0.1, 50 epochs, effective batch 512 = 64 x 8) to e.g. CIFAR-100
   torchrun --nproc_per_node 8 main_finetune.py --recipe transfer --dataset cifar100 --data_path /data/cifar \
       --model vit_tiny_patch16 --finetune mae_tiny_400e.pth --output_dir out/cifar100
+  # UM-MAE Swin-T (window 16 at 256 px, position-MLP bias; 100 epochs, layer decay 0.85, drop path 0.1)
+  torchrun --nproc_per_node 8 main_finetune.py --recipe um_swin --finetune out/um_swin/checkpoint-199.pth \
+      --data_path /data/imagenet --output_dir out/ft_um_swin
+  # the demo UM-MAE / SimMIM Swin (python main_pretrain.py --model mae_swin_demo --output_dir /tmp/demo_um)
+  python main_finetune.py --model swin_demo --finetune /tmp/demo_um/checkpoint-last.pth --output_dir /tmp/demo_ft_um
   # evaluate a fine-tuned checkpoint
   python main_finetune.py --eval --resume out/ft_tiny/checkpoint-best.pth --model vit_tiny_patch16 \
       --data_path /data/imagenet
@@ -29,6 +34,7 @@ References:
   DeiT     - Touvron et al., ICML 2021 (RandAugment, mixup/cutmix, random erasing, EMA; through timm).
   MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023 (improved
              recipe for ViT-Tiny: layer decay 0.85, weak mixup, no erasing/smoothing/drop path; RPE; transfer recipe).
+  Swin     - Liu et al., ICCV 2021 (fine-tuning recipe); UM-MAE - Li et al., 2022 (Swin-T at 256 px, window 16).
 """
 import argparse
 import copy
@@ -44,6 +50,7 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+import models_swin
 import models_vit
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
@@ -74,6 +81,10 @@ RECIPES = {
     'transfer': dict(epochs=50, batch_size=64, lr=0.1, warmup_epochs=10, weight_decay=0.0, min_lr=0.0,
                      clip_grad=1.0, layer_decay=0.75, drop_path=0.0, aa='none', mixup=0.0, cutmix=0.0, reprob=0.0,
                      smoothing=0.0, opt='sgd'),
+    # UM-MAE Swin-T: Swin's fine-tuning recipe at 256 px with window 16, layer decay 0.85 (stage-aware ids)
+    'um_swin': dict(model='swin_tiny_patch4_window16_256', input_size=256, epochs=100, batch_size=128, blr=5e-4,
+                    warmup_epochs=5, weight_decay=0.05, min_lr=1e-6, layer_decay=0.85, drop_path=0.1,
+                    aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0, reprob=0.25, smoothing=0.1, opt='adamw'),
 }
 # The embedded digits: a demo-sized ViT (the encoder of main_pretrain.py's demo MAE) and a one-minute run. It keeps the
 # recipe's optimizer, layer decay and schedule but not its augmentation: RandAugment-m10 and mixup are tuned for 300
@@ -90,7 +101,8 @@ def get_args_parser():
     g = p.add_argument_group('recipe')
     g.add_argument('--recipe', default='ml_improved', choices=sorted(RECIPES),
                    help='preset of schedule, optimizer and augmentation (SPEC §4): ml_improved = MAE-Lite ViT-Tiny, '
-                        'fb = official MAE ViT-B, transfer = MAE-Lite transfer (SGD). Any flag overrides its value')
+                        'fb = official MAE ViT-B, transfer = MAE-Lite transfer (SGD), um_swin = UM-MAE Swin-T (256 px, '
+                        'window 16). Any flag overrides its value')
     g.add_argument('--opt', default=None, choices=['adamw', 'sgd'], help='optimizer (default: the recipe\'s)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD (Nesterov) momentum')
     g.add_argument('--layer_decay', type=float, default=None,
@@ -98,7 +110,8 @@ def get_args_parser():
                         'smallest lr, the head the full lr (default: the recipe\'s)')
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None, help=f'ViT factory in models_vit.py (default {COMMON["model"]}; '
-                                                 'vit_demo_patch4 on the demo data)')
+                                                 'vit_demo_patch4 on the demo data) or Swin in models_swin.py '
+                                                 '(swin_tiny, swin_tiny_um = window 16 at 256 px, swin_demo)')
     g.add_argument('--finetune', default='', help='pre-trained weights to start from (MAE/MAE-Lite/TinyMIM/MoCo-v3/'
                                                   'timm layouts); the head is re-initialised (trunc-normal std 2e-5)')
     g.add_argument('--global_pool', default='avg', choices=['avg', 'token'],
@@ -213,14 +226,22 @@ def main(args):
     elif args.nb_classes < nb_classes:
         raise ValueError(f'--nb_classes {args.nb_classes} is smaller than the {nb_classes} classes of {args.dataset}')
 
-    rpe = {'rel_pos_bias': True} if args.rpe else {}
-    model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                                    global_pool=args.global_pool, drop_path_rate=args.drop_path, **rpe)
+    if models_swin.has_model(args.model):  # GAP: 'avg' = mean then fc_norm (MAE layout); no cls token to pool
+        if args.global_pool != 'avg' or args.rpe:
+            raise ValueError(f'{args.model}: Swin pools by average (--global_pool avg) and has its own relative '
+                             'position bias (no --rpe)')
+        model = models_swin.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                         fc_norm=True, drop_path_rate=args.drop_path)
+    else:
+        rpe = {'rel_pos_bias': True} if args.rpe else {}
+        model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                        global_pool=args.global_pool, drop_path_rate=args.drop_path, **rpe)
     start_from = resume_path(args)
     if args.finetune and not args.eval and not start_from:
         load_pretrained(model, args.finetune)
-        trunc_normal_(model.head.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
-        torch.nn.init.zeros_(model.head.bias)
+        head = model.get_classifier() if hasattr(model, 'get_classifier') else model.head  # Swin: head.fc
+        trunc_normal_(head.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
+        torch.nn.init.zeros_(head.bias)
     elif args.finetune and start_from and not args.eval:
         log.info(f'resuming from {start_from}: --finetune {args.finetune} is superseded')
     model.to(args.device)

@@ -6,11 +6,20 @@
   torchrun --nproc_per_node 8 main_pretrain.py --model mae_vit_tiny --batch_size 512 --data_path /data/imagenet
   # official MAE crop (scale 0.2, bicubic) instead of MAE-Lite's (0.08, random interpolation)
   ... --min_crop_scale 0.2 --interpolation bicubic
+  # UM-MAE: uniform masking for a ViT, or on Swin-T (256 px, packed visible units); SimMIM Swin-T as its baseline
+  ... --model mae_vit_tiny --mask_type uniform
+  torchrun --nproc_per_node 8 main_pretrain.py --model mae_swin_tiny --batch_size 512 --data_path /data/imagenet
+  torchrun --nproc_per_node 8 main_pretrain.py --model simmim_swin_tiny --batch_size 256 --data_path /data/imagenet
+  # the same on the demo digits (32 px Swin, seconds per epoch)
+  python main_pretrain.py --model mae_swin_demo      # or --model simmim_swin_demo
 
 References:
   MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022.
   MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023
              (Tiny recipe: 400 epochs, norm-pix loss, crop scale 0.08 with random interpolation).
+  UM-MAE   - Li et al., "Uniform Masking: Enabling MAE Pre-training for Pyramid-based Vision Transformers with
+             Locality", 2022.
+  SimMIM   - Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", CVPR 2022.
 """
 import argparse
 import logging
@@ -19,6 +28,7 @@ import time
 
 import masking
 import models_mae
+import models_swin
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
 from util.checkpoint import resume, unwrap_model
@@ -31,9 +41,13 @@ from util.rng import seed_everything
 log = logging.getLogger('mim')
 
 DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=224, batch_size=64, epochs=400, warmup_epochs=40,
-                blr=1.5e-4, weight_decay=0.05)
+                blr=1.5e-4, weight_decay=0.05, mask_ratio=0.75)
 DEMO_DEFAULTS = dict(model='mae_vit_demo_patch4', input_size=32, batch_size=64, epochs=20, warmup_epochs=2,
                      blr=1.5e-3)
+# Swin pre-training (models_swin.py, SPEC §4): UM-MAE Swin-T 200 epochs at 256 px (window 8 on the packed map);
+# SimMIM Swin-T at its paper's 192 px (window 6), masking 60% of the 32-px blocks. The demo keeps DEMO_DEFAULTS.
+SWIN_DEFAULTS = {'mae_swin': dict(input_size=256, epochs=200, warmup_epochs=10),
+                 'simmim_swin': dict(input_size=192, epochs=100, warmup_epochs=10)}
 
 
 def get_args_parser():
@@ -41,8 +55,17 @@ def get_args_parser():
     g = p.add_argument_group('MAE')
     g.add_argument('--model', default=None,
                    help=f'MAE factory in models_mae.py (default {DEFAULTS["model"]}; short names like mae_vit_tiny '
-                        'work)')
-    g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
+                        'work), or a UM-MAE / SimMIM Swin in models_swin.py (mae_swin_tiny, simmim_swin_tiny; '
+                        'mae_swin_demo / simmim_swin_demo on the demo data)')
+    g.add_argument('--mask_ratio', type=float, default=None,
+                   help='fraction of patches removed (default 0.75; 0.6 of the mask blocks for SimMIM; uniform '
+                        'masking is always 0.75)')
+    g.add_argument('--mask_type', default='random', choices=['random', 'uniform'],
+                   help='ViT MAE: random (MAE) or uniform (UM-MAE: one visible patch per 2x2 block). mae_swin_* '
+                        'models always mask uniformly, simmim_swin_* by blocks')
+    g.add_argument('--vis_mask_ratio', type=float, default=0.25,
+                   help='uniform masking: fraction of the visible patches/units shown as a learned vis_mask_token '
+                        '(UM-MAE secondary masking; the loss stays on the removed ones)')
     g.add_argument('--shared_mask', action='store_true',
                    help='one random mask for the whole batch (MAE-priv) instead of one per image')
     g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
@@ -58,6 +81,16 @@ def get_args_parser():
 def main(args):
     dist.init_distributed_mode(args)
     setup_logging(args.rank, args.output_dir)
+    swin = str(args.model).startswith(('mae_swin', 'simmim_swin'))
+    if swin:
+        if args.mask_ratio is None and args.model.startswith('simmim'):
+            args.mask_ratio = 0.6
+        if args.data_path:
+            fill_defaults(args, SWIN_DEFAULTS[args.model.split('_')[0] + '_swin'])
+        if args.shared_mask or args.mask_type != 'random':
+            raise ValueError(f'{args.model} masks its own way: --shared_mask and --mask_type are for mae_vit_*')
+    elif args.shared_mask and args.mask_type == 'uniform':
+        raise ValueError('--shared_mask is a random mask; it does not combine with --mask_type uniform')
     fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
     seed_everything(args.seed + args.rank)
 
@@ -68,8 +101,15 @@ def main(args):
         raise ValueError(f'{root} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
                          f'({args.world_size} processes); lower --batch_size')
 
-    model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                    drop_path_rate=args.drop_path).to(args.device)
+    if swin:  # UM-MAE (mae_swin_*) or SimMIM (simmim_swin_*) on a Swin encoder
+        mae_kw = {} if args.model.startswith('simmim') else dict(norm_pix_loss=args.norm_pix_loss,
+                                                                  vis_mask_ratio=args.vis_mask_ratio)
+        model = models_swin.create_model(args.model, img_size=args.input_size, drop_path_rate=args.drop_path,
+                                         **mae_kw).to(args.device)
+    else:
+        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                        drop_path_rate=args.drop_path, mask_type=args.mask_type,
+                                        vis_mask_ratio=args.vis_mask_ratio).to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_without_ddp = model
     model = dist.wrap_model(model, args)
@@ -86,6 +126,8 @@ def main(args):
     log_writer = make_tb_writer(args.log_dir)
 
     def step(model, images, targets):
+        if swin:
+            return model(images, mask_ratio=args.mask_ratio)[0], {}
         noise = None
         if args.shared_mask:
             noise = masking.random_noise(images.shape[0], unwrap_model(model).patch_embed.num_patches,

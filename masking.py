@@ -3,7 +3,11 @@
 References:
   MAE      - He et al., CVPR 2022 (per-sample random masking by argsort of uniform noise).
   MAE-priv - batch-shared masking (one permutation for the whole batch), offered as an option.
+  UM-MAE   - Li et al., 2022 (uniform sampling: one visible unit per 2x2 block; secondary masking; packing).
+  SimMIM   - Xie et al., CVPR 2022 (block masking on a coarse grid of mask patches).
 """
+import math
+
 import torch
 
 
@@ -57,3 +61,53 @@ def mask_to_noise(mask):
 def gather_tokens(x, ids):
     """Select tokens: x [N, L, D], ids [N, K] -> [N, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def uniform_masking(N, grid, device=None, generator=None):
+    """UM-MAE uniform sampling: the unit grid is split into 2x2 blocks and in every block exactly one unit is kept,
+    its position drawn independently and uniformly (25% visible; the mask ratio is always 0.75).
+
+    Args: N batch; grid (gh, gw) units, both even.
+    Returns: ids_keep [N, K] (K = gh*gw/4) the kept unit indices in block-row-major order (entry k is the unit of
+        block (k // (gw/2), k % (gw/2))), which is the order UM's packed map holds them in; mask [N, gh*gw] (1 =
+        removed, 0 = kept, unit order).
+    """
+    gh, gw = grid
+    if gh % 2 or gw % 2:
+        raise ValueError(f'uniform masking needs an even unit grid, got {gh}x{gw}')
+    choice = torch.randint(0, 4, (N, gh // 2, gw // 2), device=device, generator=generator)  # [N, gh/2, gw/2]
+    rows = 2 * torch.arange(gh // 2, device=device).view(1, -1, 1) + choice // 2  # [N, gh/2, gw/2]
+    cols = 2 * torch.arange(gw // 2, device=device).view(1, 1, -1) + choice % 2
+    ids_keep = (rows * gw + cols).flatten(1)  # [N, K]
+    mask = torch.ones(N, gh * gw, device=device).scatter(1, ids_keep, 0.0)
+    return ids_keep, mask
+
+
+def packed_coords(ids_keep, grid, unit_tokens):
+    """Original token coordinates of UM-MAE's packed map: visible unit k (block-row-major, see `uniform_masking`)
+    occupies block position k of a (gh/2 x gw/2)-unit map, i.e. a t x t patch of tokens (t = unit_tokens).
+
+    Args: ids_keep [N, K]; grid (gh, gw) units; unit_tokens t.
+    Returns: [N, gh/2*t, gw/2*t, 2] long, the (row, col) each packed token had in the full (gh*t x gw*t) token grid.
+    """
+    gh, gw = grid
+    N, t = ids_keep.shape[0], unit_tokens
+    a = torch.arange(t, device=ids_keep.device)
+    rows = (ids_keep // gw).view(N, gh // 2, gw // 2, 1, 1) * t + a.view(1, 1, 1, t, 1)  # [N, bh, bw, t, 1]
+    cols = (ids_keep % gw).view(N, gh // 2, gw // 2, 1, 1) * t + a.view(1, 1, 1, 1, t)  # [N, bh, bw, 1, t]
+    coords = torch.stack(torch.broadcast_tensors(rows, cols), dim=-1)  # [N, bh, bw, t, t, 2]
+    return coords.transpose(2, 3).reshape(N, gh // 2 * t, gw // 2 * t, 2)  # [N, bh*t, bw*t, 2]
+
+
+def block_masking(N, grid, scale, mask_ratio, device=None, generator=None):
+    """SimMIM block masking: ceil(mask_ratio * gh*gw) random cells of a coarse grid of mask patches are masked, then
+    every cell is upsampled to scale x scale tokens.
+
+    Args: N batch; grid (gh, gw) mask patches; scale tokens per mask-patch side; mask_ratio.
+    Returns: mask [N, gh*scale * gw*scale] float on the token grid, row-major (1 = masked).
+    """
+    gh, gw = grid
+    count = math.ceil(gh * gw * mask_ratio - 1e-9)  # the epsilon only absorbs float rounding
+    ids = torch.argsort(torch.rand(N, gh * gw, device=device, generator=generator), dim=1)[:, :count]  # [N, count]
+    coarse = torch.zeros(N, gh * gw, device=device).scatter(1, ids, 1.0).view(N, gh, 1, gw, 1)
+    return coarse.expand(N, gh, scale, gw, scale).reshape(N, gh * scale * gw * scale)

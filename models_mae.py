@@ -59,11 +59,19 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False,
-                 drop_path_rate=0.0):
+                 drop_path_rate=0.0, mask_type='random', vis_mask_ratio=0.25):
         super().__init__()
+        if mask_type not in ('random', 'uniform'):
+            raise ValueError(f"mask_type must be 'random' or 'uniform', got {mask_type!r}")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        # UM-MAE for ViT (mask_type='uniform'): one visible patch per 2x2 block, and a random vis_mask_ratio of the
+        # visible ones shown as the learned vis_mask_token (+ their pos_embed); the token exists only then
+        self.mask_type = mask_type
+        self.vis_mask_ratio = vis_mask_ratio
+        if mask_type == 'uniform':
+            self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.embed_dim = embed_dim
         self.depth = depth
         self.num_heads = num_heads
@@ -97,10 +105,12 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_type == 'uniform':
+            nn.init.normal_(self.vis_mask_token, std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'pos_embed', 'cls_token', 'mask_token', 'decoder_pos_embed'}
+        return {'pos_embed', 'cls_token', 'mask_token', 'decoder_pos_embed', 'vis_mask_token'}
 
     def patchify(self, imgs):
         return patchify(imgs, self.patch_size)
@@ -108,25 +118,30 @@ class MaskedAutoencoderViT(nn.Module):
     def unpatchify(self, x):
         return unpatchify(x, self.patch_size, self.in_chans)
 
-    def embed_visible(self, patches, ids_keep):
+    def embed_visible(self, patches, ids_keep, vis_mask=None):
         """Patch-embed the kept patches, add their position embedding, prepend cls.
 
-        Args: patches [N, L, p*p*C] ((p, q, c) order); ids_keep [N, K]. Returns [N, 1+K, D]."""
+        Args: patches [N, L, p*p*C] ((p, q, c) order); ids_keep [N, K]; vis_mask [N, K] (optional, UM-MAE's
+            secondary masking: 1 = this kept patch shows `vis_mask_token` + its pos_embed). Returns [N, 1+K, D]."""
         # embedding only the kept patches is the same as embedding all and then dropping, at a quarter of the cost
         x = self.patch_embed.embed_patches(masking.gather_tokens(patches, ids_keep))  # [N, K, D]
+        if vis_mask is not None:
+            x = torch.where(vis_mask.unsqueeze(-1).bool(), self.vis_mask_token.to(x.dtype), x)  # [N, K, D]
         pos = self.pos_embed[0, 1:].unsqueeze(0).expand(x.shape[0], -1, -1)  # [N, L, D]
         x = x + masking.gather_tokens(pos, ids_keep)  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
         return torch.cat([cls, x], dim=1)  # [N, 1+K, D]
 
-    def forward_encoder(self, patches, ids_keep, return_layers=(), extras_at=()):
+    def forward_encoder(self, patches, ids_keep, return_layers=(), extras_at=(), vis_mask=None):
         """Encode the kept patches only.
 
         Args: patches [N, L, p*p*C] (all patches, (p, q, c) order); ids_keep [N, K].
             `return_layers`/`extras_at`: block indices whose outputs / attention extras to hand out (distillation).
+            vis_mask [N, K] (optional): UM-MAE's secondary masking, see `embed_visible`.
         Returns: latent [N, 1+K, D] after `norm`; with return_layers or extras_at also (layer outputs, extras).
         """
-        x, outs, extras = run_blocks(self.blocks, self.embed_visible(patches, ids_keep), return_layers, extras_at)
+        x = self.embed_visible(patches, ids_keep, vis_mask)
+        x, outs, extras = run_blocks(self.blocks, x, return_layers, extras_at)
         x = self.norm(x)
         if return_layers or extras_at:
             return x, [outs[i] for i in sorted(outs)], extras
@@ -157,11 +172,14 @@ class MaskedAutoencoderViT(nn.Module):
         loss = F.mse_loss(pred, target, reduction='none').sum(dim=-1)  # [N, L]
         return (loss * mask).sum() / (mask.sum().clamp(min=1) * pred.shape[-1])
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, mask=None, return_ids=False):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, mask=None, return_ids=False, vis_mask=None):
         """Args:
             imgs [N, C, H, W]; mask_ratio (0 encodes every patch);
             noise [N, L] (optional): decides the mask (smallest kept), for reproducible runs;
             mask [N, L] (optional, 1 = removed, same count per row): use exactly this mask.
+            With mask_type='uniform' and neither given, the mask is UM-MAE's uniform one (mask_ratio must be 0.75)
+            and a random vis_mask_ratio of the kept patches is secondary-masked; vis_mask [N, K] (optional) gives
+            that choice (1 = replaced by vis_mask_token), in the order of the kept patches (ascending index).
         Returns: loss, pred [N, L, p*p*C], mask [N, L]; with return_ids also ids_shuffle [N, L] (so a teacher can see
         the same visible patches).
         """
@@ -169,10 +187,18 @@ class MaskedAutoencoderViT(nn.Module):
         N, L, _ = patches.shape
         if mask is not None:
             noise, mask_ratio = masking.mask_to_noise(mask)
+        elif noise is None and self.mask_type == 'uniform':
+            if abs(mask_ratio - 0.75) > 1e-6:
+                raise ValueError(f'uniform masking removes exactly 75% of the patches, got mask_ratio {mask_ratio}')
+            # as noise, the 0/1 mask keeps its visible patches in ascending order (stable sort)
+            noise, mask_ratio = masking.mask_to_noise(masking.uniform_masking(N, self.patch_embed.grid_size,
+                                                                              imgs.device)[1])
         elif noise is None:
             noise = masking.random_noise(N, L, device=imgs.device)
         ids_keep, mask, ids_restore, ids_shuffle = masking.masking_from_noise(noise, mask_ratio)
-        latent = self.forward_encoder(patches, ids_keep)
+        if self.mask_type == 'uniform' and vis_mask is None:
+            vis_mask = masking.random_masking(N, ids_keep.shape[1], self.vis_mask_ratio, imgs.device)[1]  # [N, K]
+        latent = self.forward_encoder(patches, ids_keep, vis_mask=vis_mask)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(patches, pred.float(), mask)
         if return_ids:

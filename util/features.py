@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+import models_swin
 import models_vit
 from util.checkpoint import load_file
 from util.pretrained import DROP, load_pretrained, strip_prefixes, unwrap_state_dict
@@ -60,11 +61,14 @@ def check_feature(layout, feature, source=''):
 
 
 def build_frozen_encoder(name, img_size, state=None, layout=None):
-    """A models_vit ViT with no head, weights loaded from `state` (a state dict, via util.pretrained), every
-    parameter frozen, in eval mode. With `layout == 'avg'` the ViT keeps the checkpoint's trained `fc_norm`
-    (and has no `norm`); otherwise it has the final `norm` and no `fc_norm` at all."""
-    encoder = models_vit.create_model(name, img_size=img_size, num_classes=0,
-                                      global_pool='avg' if layout == 'avg' else 'token')
+    """A models_vit ViT (or models_swin Swin) with no head, weights loaded from `state` (a state dict, via
+    util.pretrained), every parameter frozen, in eval mode. With `layout == 'avg'` the encoder keeps the
+    checkpoint's trained `fc_norm` (and has no `norm`); otherwise it has the final `norm` and no `fc_norm` at all."""
+    if models_swin.has_model(name):  # Swin: the GAP feature, with the checkpoint's fc_norm when GAP-fine-tuned
+        encoder = models_swin.create_model(name, img_size=img_size, num_classes=0, fc_norm=layout == 'avg')
+    else:
+        encoder = models_vit.create_model(name, img_size=img_size, num_classes=0,
+                                          global_pool='avg' if layout == 'avg' else 'token')
     if state is not None:
         load_pretrained(encoder, state)
     encoder.requires_grad_(False)
@@ -84,6 +88,8 @@ def extract_features(encoder, images, feature='token', layer=None):
         layer: block index K (0-based) whose output, then `norm`, is used instead of the last block's.
     Returns: [N, D].
     """
+    if isinstance(encoder, models_swin.SwinTransformer):  # mean of the last stage's tokens after norm (or fc_norm)
+        return encoder.pool(encoder.forward_features(images))  # [N, D]
     if layer is None or layer == len(encoder.blocks) - 1:
         tokens = encoder.forward_features(images)  # [N, 1+L, D], after norm
     else:
@@ -96,6 +102,11 @@ def extract_features(encoder, images, feature='token', layer=None):
 
 def check_probe_args(encoder, feature, layer):
     """Reject a --feature other than token/avg and a --probe_layer outside the encoder's blocks."""
+    if isinstance(encoder, models_swin.SwinTransformer):
+        if feature != 'avg' or layer is not None:
+            raise ValueError('a Swin has no cls token and is probed on its last stage: use --feature avg and no '
+                             '--probe_layer')
+        return
     if feature not in ('token', 'avg'):
         raise ValueError(f"feature must be 'token' or 'avg', got {feature!r}")
     depth = len(encoder.blocks)

@@ -1,9 +1,12 @@
 """Layer-wise learning-rate decay: optimizer parameter groups whose lr shrinks geometrically towards the input.
 
 References: BEiT (Bao et al., ICLR 2022) and MAE (util/lr_decay.py) — layer ids and `lr_scale`;
-MAE-Lite (decay 0.85 for Tiny fine-tuning, 0.75 for transfer). `util.lr_sched.adjust_learning_rate` multiplies each
-group's lr by its `lr_scale`.
+MAE-Lite (decay 0.85 for Tiny fine-tuning, 0.75 for transfer; stage-aware ids for Swin, whose norm/head decay² we
+do not copy). `util.lr_sched.adjust_learning_rate` multiplies each group's lr by its `lr_scale`.
 """
+import functools
+import re
+
 from util.optim import no_weight_decay_names
 
 
@@ -15,6 +18,22 @@ def layer_id_vit(name, num_layers):
     if name.startswith('blocks.'):
         return int(name.split('.')[1]) + 1
     return num_layers
+
+
+def layer_id_swin(name, num_layers, depths):
+    """Stage-aware Swin layer id (SPEC §1.3): patch_embed and mask tokens -> 0; block b of stage s ->
+    sum(depths[:s]) + b + 1; patch merging -> the id of the last block before it; norm / fc_norm / head ->
+    num_layers (= sum(depths) + 1, lr scale 1). In timm's layout `layers.s.downsample` opens stage s: it is the
+    original Swin's downsample that closes stage s-1, whose id is sum(depths[:s])."""
+    if name in ('mask_token', 'vis_mask_token') or name.startswith('patch_embed.'):
+        return 0
+    m = re.match(r'layers\.(\d+)\.(?:blocks\.(\d+)|downsample)\.', name)
+    if m is None:
+        return num_layers
+    stage = int(m.group(1))
+    if m.group(2) is None:
+        return sum(depths[:stage])
+    return sum(depths[:stage]) + int(m.group(2)) + 1
 
 
 def no_weight_decay(name, param, skip):
@@ -32,16 +51,18 @@ def param_groups_lrd(model, weight_decay=0.05, layer_decay=0.75, no_weight_decay
         weight_decay: for the decayed group of each layer (the other gets 0).
         layer_decay: d; a parameter of layer id i gets `lr_scale = d ** (num_layers - i)`.
         no_weight_decay_list: names without weight decay (default: `model.no_weight_decay()`).
-        layer_id_fn(name, num_layers) -> int: layer id of a parameter (default `layer_id_vit`; Swin passes its
-            stage-aware one).
-        num_layers: the id of the last layer (scale 1); default `len(model.blocks) + 1`.
+        layer_id_fn(name, num_layers) -> int: layer id of a parameter (default `layer_id_vit`, or `layer_id_swin`
+            for a model with stage `depths`, i.e. a models_swin Swin).
+        num_layers: the id of the last layer (scale 1); default `len(model.blocks) + 1` (`sum(depths) + 1` for Swin).
     Returns: a list of dicts {'params', 'weight_decay', 'lr_scale', 'layer_id'}, at most two per layer id, every
         trainable parameter in exactly one.
     """
     skip = set(no_weight_decay_names(model) if no_weight_decay_list is None else no_weight_decay_list)
-    layer_id_fn = layer_id_fn or layer_id_vit
+    depths = getattr(model, 'depths', None)  # a Swin: stage-aware ids
+    if layer_id_fn is None:
+        layer_id_fn = layer_id_vit if depths is None else functools.partial(layer_id_swin, depths=depths)
     if num_layers is None:
-        num_layers = len(model.blocks) + 1
+        num_layers = len(model.blocks) + 1 if depths is None else sum(depths) + 1
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

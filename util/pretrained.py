@@ -82,6 +82,9 @@ def prepare_state_dict(sd, model, keep_decoder=False):
         notes.append(f'dropped {len(extra)} keys of blocks beyond depth {depth} (e.g. {extra[0]})')
         sd = {k: v for k, v in sd.items() if k not in set(extra)}
     sd = convert_keys(sd, model)
+    resized = fit_rel_pos_tables(sd, model)
+    if resized:
+        notes.append(f'bicubic-resized {len(resized)} relative position tables to the window size (e.g. {resized[0]})')
     target = model.state_dict()
     if 'pos_embed' in sd and 'pos_embed' in target:
         sd['pos_embed'] = fit_pos_embed(sd['pos_embed'], target['pos_embed'], model)
@@ -90,6 +93,26 @@ def prepare_state_dict(sd, model, keep_decoder=False):
         sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
         notes.append('global_pool=avg: dropped norm.*, fc_norm starts at (1, 0)')
     return sd, notes
+
+
+def fit_rel_pos_tables(sd, model):
+    """Swin with another window size (e.g. SimMIM's 6 -> 7, UM-MAE's 8 -> 16): bicubic-resize each stored
+    [(2w-1)², H] `relative_position_bias_table` to the model's [(2w'-1)², H], in place. Returns the resized keys.
+    (UM-MAE's position MLP needs nothing: it is defined for any offset.)"""
+    target = model.state_dict()
+    resized = []
+    for k in [k for k in sd if k.endswith('relative_position_bias_table') and k in target]:
+        old, new = sd[k], target[k]
+        if old.shape == new.shape or old.shape[1] != new.shape[1]:
+            continue
+        a, b = int(round(old.shape[0] ** 0.5)), int(round(new.shape[0] ** 0.5))
+        if a * a != old.shape[0] or b * b != new.shape[0] or k.startswith('blocks.'):
+            continue  # not a square Swin table (the ViT's BEiT tables carry 3 extra cls rows)
+        grid = old.t().reshape(1, -1, a, a).float()  # [1, H, 2w-1, 2w-1]
+        grid = torch.nn.functional.interpolate(grid, size=(b, b), mode='bicubic', align_corners=False)
+        sd[k] = grid.reshape(-1, b * b).t().to(old.dtype)  # [(2w'-1)², H]
+        resized.append(k)
+    return resized
 
 
 def fit_pos_embed(pos, target, model):
@@ -131,8 +154,8 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
     if essential:
         raise KeyError(f'{name}: essential weights missing from the checkpoint: {essential[:8]}'
                        f'{" ..." if len(essential) > 8 else ""} ({len(essential)} in all). Is it for this model?')
-    head = getattr(model, 'head', None)
-    if isinstance(head, torch.nn.Linear) and 'head.weight' in missing:
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)  # Swin: head.fc
+    if isinstance(head, torch.nn.Linear) and any(k in missing for k in ('head.weight', 'head.fc.weight')):
         trunc_normal_(head.weight, std=head_init_std)
         torch.nn.init.zeros_(head.bias)
     for line in notes:
