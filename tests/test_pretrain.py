@@ -136,3 +136,29 @@ def test_nothing_to_do_when_finished(run_a, tmp_path, pretrain_args):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert len(read_log(out)) == 2
+
+
+def test_simmim_gets_its_optimiser_and_crop_defaults(tmp_path, image_folder_factory, monkeypatch):
+    """On real data, simmim_swin_* takes SPEC's SimMIM row (betas (0.9, 0.99), clip 5, crop scale 0.67, blr 4e-4
+    per 2048) and MAE keeps its own (0.95, no clip, 0.08); any flag still overrides."""
+    import main_pretrain
+    seen = {}
+    monkeypatch.setattr(main_pretrain, 'train_one_epoch', lambda *a, **k: seen.setdefault('args', a[5]) and {})
+    monkeypatch.setattr(main_pretrain, 'end_epoch', lambda *a, **k: None)
+    data = image_folder_factory(tmp_path / 'data', n_per_class=4)
+
+    def run(*argv):
+        seen.clear()
+        args = main_pretrain.get_args_parser().parse_args([
+            '--data_path', str(data), '--output_dir', '', '--batch_size', '4', '--epochs', '1', '--num_workers', '0',
+            '--device', 'cpu', *argv])
+        model = main_pretrain.main(args)
+        return args, model
+
+    args, _ = run('--model', 'simmim_swin_test', '--input_size', '64')
+    assert (args.beta2, args.clip_grad, args.min_crop_scale, args.mask_ratio) == (0.99, 5.0, 0.67, 0.6)
+    assert args.blr == pytest.approx(4e-4 * 256 / 2048)
+    args, _ = run('--model', 'mae_vit_test', '--input_size', '32')
+    assert (args.beta2, args.clip_grad, args.min_crop_scale, args.mask_ratio) == (0.95, None, 0.08, 0.75)
+    args, _ = run('--model', 'simmim_swin_test', '--input_size', '64', '--beta2', '0.9', '--min_crop_scale', '0.3')
+    assert (args.beta2, args.min_crop_scale) == (0.9, 0.3)
