@@ -29,7 +29,6 @@ References:
 """
 import argparse
 import functools
-import importlib
 import inspect
 import json
 import logging
@@ -48,6 +47,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import masking  # noqa: E402
 import models_mae  # noqa: E402
+import models_swin  # noqa: E402
 from util import analysis  # noqa: E402
 from util.args import common_parser, fill_defaults  # noqa: E402
 from util.checkpoint import load_file  # noqa: E402
@@ -172,20 +172,14 @@ def load_encoder(path, model, args):
 
 
 def build_masked_autoencoder(name, **kwargs):
-    """An MAE factory of models_mae, or of models_swin (UM-MAE) when that module exists and holds `name`.
+    """A ViT MAE of models_mae or a UM-MAE Swin of models_swin, by name.
 
-    Contract for `recon` (kept by models_mae.MaskedAutoencoderViT; a Swin MAE plugs in by keeping it):
-    `patchify(imgs) -> [N, L, P]`, `unpatchify`, `patch_embed.num_patches` (= L mask units),
-    `patch_embed.grid_size`, `norm_pix_loss`, and `forward(imgs, mask_ratio, noise=[N, L]) -> (loss, pred [N, L, P],
-    mask [N, L])`; a forward without `noise` is still seeded through the global RNG."""
-    if name in models_mae.MODELS or name in models_mae.ALIASES:
-        return models_mae.create_model(name, **kwargs)
-    try:
-        swin = importlib.import_module('models_swin')
-    except ImportError:
-        swin = None
-    if swin is not None and hasattr(swin, 'create_model') and 'swin' in name:
-        return swin.create_model(name, **kwargs)
+    What `recon` uses of it: mask units of `patch_embed.patch_size` px on `patch_embed.grid_size` (UM-MAE's Swin:
+    `unit_size` px on a `unit_grid` square), predictions in (p, q, c) order, `norm_pix_loss`, and
+    `forward(imgs, mask_ratio[, noise]) -> (loss, pred [N, L, P], mask [N, L])`, seeded through the global RNG
+    when it takes no noise."""
+    if models_swin.has_model(name):
+        return models_swin.create_model(name, **kwargs)
     return models_mae.create_model(name, **kwargs)  # raises with the list of valid names
 
 
@@ -339,6 +333,14 @@ def run_label(path):
 
 # ------------------------------------------------------------------------------------------------- recon
 
+def mask_units(model):
+    """(unit size in px, unit grid (h, w)) of a masked autoencoder: a ViT MAE masks its patches, UM-MAE's Swin
+    masks units of several tokens (16 px for Swin-T)."""
+    if hasattr(model, 'unit_size'):
+        return model.unit_size, (model.unit_grid, model.unit_grid)
+    return model.patch_embed.patch_size[0], tuple(model.patch_embed.grid_size)
+
+
 @torch.no_grad()
 def reconstruct(model, imgs, mask_ratio, seed):
     """Masked reconstruction with a seeded mask. Returns a dict of [N, C, H, W] images per column, the column
@@ -347,8 +349,9 @@ def reconstruct(model, imgs, mask_ratio, seed):
 
     Columns: 'original', 'masked', then per mode ('pixels', or 'oracle' and 'estimated' for norm-pix models)
     'reconstruction' and 'reconstruction + visible' (the input pasted into the visible patches, bit-exact)."""
-    N = imgs.shape[0]
-    L = model.patch_embed.num_patches
+    N, C = imgs.shape[:2]
+    p, grid = mask_units(model)
+    L = grid[0] * grid[1]
     noise = masking.random_noise(N, L, generator=torch.Generator().manual_seed(seed)).to(imgs.device)  # [N, L]
     with torch.random.fork_rng(devices=[]):  # a model drawing more randomness (UM's secondary mask) stays seeded
         torch.manual_seed(seed)
@@ -357,10 +360,13 @@ def reconstruct(model, imgs, mask_ratio, seed):
         else:
             _, pred, mask = model(imgs, mask_ratio=mask_ratio)
     pred, mask = pred.float(), mask.float()  # [N, L, P], [N, L]
-    patches = model.patchify(imgs)  # [N, L, P]
-    grid = tuple(model.patch_embed.grid_size)
+    patches = models_mae.patchify(imgs, p)  # [N, L, P]
+
+    def unpatchify(x):  # [N, L, P] -> [N, C, H, W]
+        return models_mae.unpatchify(x, p, C)
+
     masked_patches = patches * (1 - mask[..., None])  # removed patches zeroed; shown grey below
-    cols = {'original': imgs, 'masked': model.unpatchify(masked_patches)}
+    cols = {'original': imgs, 'masked': unpatchify(masked_patches)}
     modes = ['oracle', 'estimated'] if model.norm_pix_loss else ['pixels']
     mse = {}
     for mode in modes:
@@ -368,13 +374,13 @@ def reconstruct(model, imgs, mask_ratio, seed):
         err = ((rec - patches) ** 2).mean(dim=-1)  # [N, L]
         mse[mode] = float((err * mask).sum() / mask.sum().clamp(min=1))
         tag = '' if mode == 'pixels' else f' ({mode})'
-        cols[f'reconstruction{tag}'] = model.unpatchify(rec)
-        cols[f'reconstruction + visible{tag}'] = model.unpatchify(analysis.paste_visible(rec, patches, mask))
+        cols[f'reconstruction{tag}'] = unpatchify(rec)
+        cols[f'reconstruction + visible{tag}'] = unpatchify(analysis.paste_visible(rec, patches, mask))
     # a yardstick: each removed patch filled flat with the mean estimated from the visible patches
     est_mean, _ = analysis.estimate_patch_stats(*analysis.patch_stats(patches), mask, grid)  # [N, L, 1]
     err = ((est_mean - patches) ** 2).mean(dim=-1)  # [N, L]
     mse['flat baseline'] = float((err * mask).sum() / mask.sum().clamp(min=1))
-    pixel_mask = model.unpatchify(mask[..., None].expand_as(patches))  # [N, C, H, W], 1 = removed
+    pixel_mask = unpatchify(mask[..., None].expand_as(patches))  # [N, C, H, W], 1 = removed
     return dict(columns=cols, mask=mask, pixel_mask=pixel_mask, mse=mse, modes=modes)
 
 

@@ -220,9 +220,11 @@ def test_estimated_stats_come_from_nearby_visible_patches():
         analysis.estimate_patch_stats(mean, std, torch.ones(1, 9), (3, 3))
 
 
-def test_pasted_reconstruction_equals_input_on_visible_patches():
+@pytest.mark.parametrize('name', ['mae_vit_test', 'mae_swin_test'])
+def test_pasted_reconstruction_equals_input_on_visible_patches(name):
+    """ViT MAE (4-px patches) and UM-MAE Swin (its 8-px units, one visible per 2x2 block)."""
     torch.manual_seed(0)
-    model = models_mae.mae_vit_test(norm_pix_loss=True).eval()
+    model = main_analyze.build_masked_autoencoder(name, img_size=32, norm_pix_loss=True).eval()
     imgs = torch.randn(3, 3, 32, 32)
     out = main_analyze.reconstruct(model, imgs, 0.75, seed=5)
     vis = out['pixel_mask'] == 0  # [N, C, H, W]
