@@ -1,0 +1,1 @@
+"""Single-object tracking transfer (OSTrack-style); see track/README.md."""
