@@ -23,6 +23,8 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from util.data import read_rgb
+
 log = logging.getLogger(__name__)
 
 
@@ -61,11 +63,8 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_dir, info['file_name'])
-        try:
-            with open(path, 'rb') as f:
-                img = Image.open(f).convert('RGB')
-        except (OSError, ValueError, SyntaxError) as e:
-            log.warning(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+        img = read_rgb(path)
+        if img is None:
             return None
         image = tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True))  # [3, H, W] in [0, 1]
         H, W = image.shape[-2:]

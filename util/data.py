@@ -41,6 +41,17 @@ def eval_transform(input_size, crop_pct=224 / 256, mean=IMAGENET_DEFAULT_MEAN, s
         transforms.Normalize(mean, std)])
 
 
+def read_rgb(path):
+    """The image at `path` as an RGB PIL image, or None (with a warning naming the file) when it cannot be read:
+    truncated or corrupt files, missing files, PIL decode errors."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:
+        log.warning(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+        return None
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that never crashes on a bad file.
 
@@ -66,12 +77,8 @@ class SafeImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        try:
-            with open(path, 'rb') as f:
-                img = Image.open(f)
-                img = img.convert('RGB')
-        except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt image, missing file, PIL decode errors
-            log.warning(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+        img = read_rgb(path)
+        if img is None:
             return None
         if self.transform is not None:
             img = self.transform(img)

@@ -33,7 +33,7 @@ import torch.utils.data
 from PIL import Image
 from torchvision import datasets as tvd
 
-from util.data import SafeImageFolder, demo_root
+from util.data import SafeImageFolder, demo_root, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,8 @@ class JsonAnnotated(tvd.VisionDataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        try:
-            with open(path, 'rb') as f:
-                img = Image.open(f).convert('RGB')
-        except (OSError, ValueError, SyntaxError) as e:
-            log.warning(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+        img = read_rgb(path)
+        if img is None:
             return None
         if self.transform is not None:
             img = self.transform(img)
