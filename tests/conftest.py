@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +55,13 @@ def pretrain_args():
             '--input_size', '32', '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--num_workers', '0',
             '--device', 'cpu', '--print_freq', '100', *more])
     return make
+
+
+@pytest.fixture(scope='module')  # module scope: set before the module's other fixtures build models
+def one_thread():
+    """Tiny models run fastest on one intra-op thread; a second one only spins, badly so on a shared machine.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

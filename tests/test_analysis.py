@@ -18,13 +18,7 @@ from util import analysis
 from util.checkpoint import atomic_save
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny models, one thread
 
 
 # ------------------------------------------------------------------------------------------------- attention stats

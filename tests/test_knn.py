@@ -11,13 +11,7 @@ from main_knn import knn_classify
 from test_linprobe import make_color_folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny models, one thread
 
 
 def brute_force(train, train_labels, test, num_classes, k, T):

@@ -22,13 +22,7 @@ from util.data import build_loader
 from util.evaluate import evaluate, shard_len
 from util.features import build_frozen_encoder, check_feature, checkpoint_layout, extract_features
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny models, one thread
 
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (200, 200, 40)]

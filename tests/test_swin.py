@@ -161,13 +161,7 @@ def test_loader_resizes_tables_and_takes_um_checkpoints():
             assert torch.equal(v, um.state_dict()[k]), k
 
 
-@pytest.fixture(autouse=True, scope='module')  # module scope: before the module's other fixtures
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny models, one thread
 
 
 def test_um_swin_tiny_recipe_and_checkpoint_layout():

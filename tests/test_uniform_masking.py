@@ -8,13 +8,7 @@ import models_mae
 import models_swin
 
 
-@pytest.fixture(autouse=True, scope='module')  # module scope: before the module's other fixtures
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny models, one thread
 
 
 def blocks_of(mask, gh, gw):
