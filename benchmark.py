@@ -1,33 +1,39 @@
-"""Time MAE pre-training steps on synthetic images: one JSON line per configuration (img/s, step time, peak memory).
+"""Time training steps of every recipe on synthetic images: one JSON line per configuration (img/s, step time,
+peak memory, FLOPs and model FLOPs utilisation), plus an input-pipeline measurement.
 
 A step is what `util.engine.train_one_epoch` does per batch: forward under the chosen autocast, backward, the
-gradient norm, fused AdamW, zero_grad. Times are medians over `--steps` timed steps after `--warmup`
-untimed ones (the first steps of a compiled model compile it).
+gradient norm, fused AdamW (skipping a non-finite step on the device, no host sync), zero_grad. Times are medians
+over `--steps` timed steps after `--warmup` untimed ones (the first steps of a compiled model compile it).
 
   # ours: fp32, batch 64, MAE-Lite ViT-Tiny at 224 px, on CUDA if there is one
   python benchmark.py
   python benchmark.py --compile
+  # every recipe in one command: MAE ViT-T/S/B, baseline, D-MAE/D²-MAE, UM-MAE/SimMIM Swin-T, fine-tune ViT-T/B
+  python benchmark.py --suite --steps 5
+  python benchmark.py --suite --device cuda --amp bf16 --batch_size 256 --compile --data_path /data/imagenet
   # the straightforward official-style step over the same parameters (the reference we compare against)
   python benchmark.py --baseline
-  python benchmark.py --baseline --compile
   # several settings in one process, one line each
   python benchmark.py --configs impl=baseline impl=baseline,compile=1 impl=ours impl=ours,compile=1
   # two settings alternated step by step in one process, plus a line with their img/s ratio (A over B): the
   # number to trust on a noisy machine
   python benchmark.py --compare impl=ours impl=baseline --steps 20
   python benchmark.py --compare impl=ours,compile=1 impl=baseline,compile=1 --steps 20
-  # the demo model, or a GPU run in bf16
-  python benchmark.py --model mae_vit_demo_patch4 --input_size 32 --batch_size 256
-  python benchmark.py --device cuda --amp bf16 --batch_size 256 --compile
+  # the GPU targets: bf16 ours vs the fp16-autocast eager official-style step, at the same batch
+  python benchmark.py --device cuda --batch_size 256 --compare impl=ours,amp=bf16,compile=1 impl=baseline,amp=fp16
+  # is the input pipeline fast enough? ('photos' = ImageNet-sized JPEGs made from scikit-learn's sample photos)
+  python benchmark.py --data_path photos --data_workers 16 --device cuda --amp bf16 --batch_size 256
 
-A configuration is comma-separated key=value overrides of the flags below (impl, model, batch_size, input_size,
-amp, compile, device, mask_ratio, norm_pix_loss, threads). peak_mem_mb is torch.cuda.max_memory_allocated on a
-GPU; on CPU it is the process's peak resident set (ru_maxrss), so it includes whatever ran before in the process.
+A configuration is comma-separated key=value overrides of the flags below (impl, model, teacher, batch_size,
+input_size, amp, compile, channels_last, device, mask_ratio, norm_pix_loss, threads). peak_mem_mb is
+torch.cuda.max_memory_allocated on a GPU; on CPU it is the process's peak resident set (ru_maxrss), so it includes
+whatever ran before in the process. mfu = achieved FLOP/s (FLOPs of one step counted by torch's FlopCounterMode,
+attention included) over the matmul peak measured on the device in the run's dtype. With --data_path, every line
+says whether the step outruns --data_workers CPU workers (data_bound_cpu_workers) or the decode-on-device path.
 
-On CPU, glibc's malloc hands the large activation buffers back to the kernel after every step and the next step
-page-faults them in again (about 0.3 s of system time per ViT-Tiny step on 2 cores). Training and this benchmark
-both run faster with it switched off, which needs no code change (see docs/BENCHMARKS.md):
-  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmark.py --compare impl=ours impl=baseline
+On CPU, training and this benchmark make glibc keep freed memory (util.perf.keep_freed_memory; --malloc default
+turns it off): otherwise the large activation buffers go back to the kernel after every step and are page-faulted
+in again (about 0.3 s of system time per ViT-Tiny step on 2 cores).
 
 References:
   MAE - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (the baseline step follows the
@@ -37,21 +43,28 @@ References:
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import main_distill
 import models_mae
 import models_swin
 import models_vit
-from util import engine, perf
+from util import engine, gpu_data, perf
+from util.data import SafeImageFolder, pretrain_transform
+from util.lr_decay import param_groups_lrd
 from util.optim import adamw
 
-IMPLS = ('ours', 'baseline', 'd_mae', 'd2_mae')
+IMPLS = ('ours', 'baseline', 'd_mae', 'd2_mae', 'finetune')
 
 
 def get_args_parser():
@@ -62,7 +75,8 @@ def get_args_parser():
     p.add_argument('--impl', default='ours', choices=IMPLS,
                    help="'ours' = models_mae as trained; 'baseline' = the official-style step below, same weights; "
                         "'d_mae' / 'd2_mae' = main_distill's step with a frozen --teacher (the student is --model; "
-                        "d2_mae adds its attention-only extra block)")
+                        "d2_mae adds its attention-only extra block); 'finetune' = main_finetune's classification step "
+                        "(the ViT of --model without its mae_ prefix, 1000 classes, layer decay 0.85)")
     p.add_argument('--teacher', default='vit_base_patch16', help='teacher ViT factory for d_mae / d2_mae')
     p.add_argument('--baseline', action='store_const', const='baseline', dest='impl', help='same as --impl baseline')
     p.add_argument('--batch_size', type=int, default=64)
@@ -72,6 +86,9 @@ def get_args_parser():
     p.add_argument('--norm_pix_loss', type=_bool, default=True, help='MAE-Lite pre-trains with it (true/false)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
     p.add_argument('--compile', type=_bool, nargs='?', const=True, default=False, help='torch.compile the model')
+    p.add_argument('--channels_last', type=_bool, nargs='?', const=True, default=False,
+                   help='images and conv weights in channels-last memory layout (only the patch embedding of a ViT '
+                        'is a convolution, so this is measured rather than on by default)')
     p.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave torch\'s default)')
     p.add_argument('--steps', type=int, default=10, help='timed steps (the median is reported)')
@@ -82,6 +99,19 @@ def get_args_parser():
                    help="'keep': glibc keeps freed memory (util.perf.keep_freed_memory, what training does on CPU); "
                         "'default': glibc's defaults. A process-wide setting, so not a --compare key")
     p.add_argument('--configs', nargs='+', metavar='K=V,...', help='run these settings one after another')
+    p.add_argument('--suite', action='store_true',
+                   help='every recipe in one command (SUITE below): MAE ViT-T/S/B, the official-style baseline, '
+                        'D-MAE and D²-MAE (ViT-T from ViT-B), UM-MAE and SimMIM Swin-T, fine-tuning ViT-T/B')
+    p.add_argument('--mfu', type=_bool, default=True,
+                   help='count the FLOPs of a step once (torch FlopCounterMode) and report TFLOP/s and the model '
+                        'FLOPs utilisation against the matmul peak measured on this device in the run\'s dtype')
+    p.add_argument('--data_path', default=None,
+                   help='also measure the input pipeline on this image folder (ImageFolder layout; its train/ if '
+                        'there is one): CPU decode + RandomResizedCrop per worker, and the decode-on-device path; '
+                        "'photos' writes a stand-in of ImageNet-sized JPEGs from scikit-learn's sample photos")
+    p.add_argument('--data_workers', type=int, default=16,
+                   help='CPU data workers the input-pipeline verdict assumes (data_bound = the model step is faster '
+                        'than data_workers x the measured per-worker rate)')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                    help='alternate two settings step by step in one process and report img/s(A) / img/s(B)')
     return p
@@ -166,7 +196,13 @@ class Bench:
         kw = dict(img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss)
         if cfg.impl == 'd2_mae':
             kw['depth'] = models_mae.create_model(cfg.model, **kw).depth + 1
-        if models_swin.has_model(cfg.model):  # UM-MAE or SimMIM on Swin, as main_pretrain trains them
+        if cfg.impl == 'finetune':  # main_finetune's step: GAP ViT, cross-entropy, layer-decay groups
+            self.net = models_vit.create_model(cfg.model.removeprefix('mae_'), img_size=cfg.input_size,
+                                               num_classes=1000, global_pool='avg').to(self.device)
+            mae = self.net
+            self.labels = torch.randint(1000, (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed))
+            self.labels = self.labels.to(self.device)
+        elif models_swin.has_model(cfg.model):  # UM-MAE or SimMIM on Swin, as main_pretrain trains them
             if cfg.impl != 'ours':
                 raise ValueError(f'{cfg.model}: only impl=ours exists for the Swin models')
             if cfg.model.startswith('simmim'):
@@ -174,7 +210,8 @@ class Bench:
             mae = models_swin.create_model(cfg.model, **kw).to(self.device)
         else:
             mae = models_mae.create_model(cfg.model, **kw).to(self.device)
-        self.net = mae
+        if cfg.impl != 'finetune':
+            self.net = mae
         if cfg.impl == 'baseline':
             self.net = OfficialStyleMAE(mae)
         elif cfg.impl in ('d_mae', 'd2_mae'):
@@ -188,21 +225,31 @@ class Bench:
             self.net = torch.compile(self.net)
         # MAE's optimizer: AdamW, betas (0.9, 0.95), no decay on 1-D parameters and tokens, lr for the batch
         opt_args = argparse.Namespace(weight_decay=0.05, lr=1.5e-4 * cfg.batch_size / 256, device=cfg.device)
-        self.opt = adamw(self.net if cfg.impl.startswith('d') else mae, opt_args, betas=(0.9, 0.95))
+        groups = param_groups_lrd(mae, 0.05, 0.85) if cfg.impl == 'finetune' else None
+        self.opt = adamw(self.net if cfg.impl.startswith('d') else mae, opt_args, betas=(0.9, 0.95), groups=groups)
         self.params = [p for g in self.opt.param_groups for p in g['params']]
         self.scaler = engine.make_scaler(cfg)
         g = torch.Generator().manual_seed(cfg.seed)
-        self.imgs = torch.randn(cfg.batch_size, mae.in_chans, cfg.input_size, cfg.input_size, generator=g)
+        self.imgs = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, generator=g)
         self.imgs = self.imgs.to(self.device)
+        if cfg.channels_last:
+            self.imgs = self.imgs.contiguous(memory_format=torch.channels_last)
+            self.net.to(memory_format=torch.channels_last)
         self.times = []
         self.rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, before any step
 
+    def loss(self):
+        with engine.autocast(self.cfg):
+            if self.cfg.impl == 'finetune':
+                return F.cross_entropy(self.net(self.imgs), self.labels)
+            ratio = {} if self.cfg.mask_ratio is None else {'mask_ratio': self.cfg.mask_ratio}
+            return self.net(self.imgs, **ratio)[0]
+
     def step(self):
+        """One training step as util.engine.train_one_epoch takes it; returns its wall time."""
         _sync(self.device)
         t0 = time.perf_counter()
-        with engine.autocast(self.cfg):
-            ratio = {} if self.cfg.mask_ratio is None else {'mask_ratio': self.cfg.mask_ratio}
-            loss = self.net(self.imgs, **ratio)[0]
+        loss = self.loss()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.opt)
@@ -210,11 +257,23 @@ class Bench:
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
-        elif bool(torch.isfinite(norm)):  # the engine's skip test: a host sync every step
-            self.opt.step()
+        else:  # the engine's skip test, decided on the device (fused AdamW reads found_inf): no host sync
+            engine.step_unless(self.opt, ~torch.isfinite(norm))
         self.opt.zero_grad(set_to_none=True)
         _sync(self.device)
         return time.perf_counter() - t0
+
+    def count_flops(self):
+        """FLOPs of one forward + backward (matmuls, convolutions and attention, which is counted through its
+        math form), measured once with torch's FlopCounterMode on the uncompiled module."""
+        compiled, self.net = self.net, getattr(self.net, '_orig_mod', self.net)
+        try:
+            with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+                self.loss().backward()
+        finally:
+            self.net = compiled
+            self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
 
     def result(self):
         cfg, ms = self.cfg, statistics.median(self.times) * 1e3
@@ -222,13 +281,111 @@ class Bench:
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return dict(impl=cfg.impl, model=cfg.model, **({'teacher': cfg.teacher} if cfg.impl.startswith('d') else {}), batch=cfg.batch_size, input_size=cfg.input_size, amp=cfg.amp,
-                    compile=cfg.compile, device=str(self.device), img_per_s=round(cfg.batch_size / ms * 1e3, 2),
+        teacher = {'teacher': cfg.teacher} if cfg.impl.startswith('d') else {}
+        return dict(impl=cfg.impl, model=cfg.model, **teacher, batch=cfg.batch_size, input_size=cfg.input_size,
+                    amp=cfg.amp, compile=cfg.compile, channels_last=cfg.channels_last, device=str(self.device),
+                    img_per_s=round(cfg.batch_size / ms * 1e3, 2),
                     step_ms=round(ms, 1), step_ms_min=round(min(self.times) * 1e3, 1), steps=len(self.times),
                     peak_mem_mb=round(peak, 1), torch=torch.__version__, threads=torch.get_num_threads(),
                     # CPU: how far the steps raised the peak RSS above the set-up's (model, optimizer, batch): the
                     # training-step memory, meaningful for one configuration per process (--configs)
                     **({} if self.device.type == 'cuda' else {'step_mem_mb': round(peak - self.rss_setup, 1)}))
+
+
+_PEAKS = {}
+
+
+def matmul_peak_tflops(device, dtype):
+    """The best TFLOP/s of a large square matmul on `device` in `dtype`: the peak that MFU is measured against
+    (measured, not the datasheet's, so it holds for this machine, clocks and library)."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n = 8192 if device.type == 'cuda' else 1024
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = math.inf
+        for _ in range(10):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        _PEAKS[key] = 2 * n ** 3 / best / 1e12
+    return _PEAKS[key]
+
+
+def utilisation(bench):
+    """GFLOP per image, achieved TFLOP/s and MFU of a timed bench."""
+    cfg = bench.cfg
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp, torch.float32)
+    flops = bench.count_flops()
+    achieved = flops / statistics.median(bench.times) / 1e12
+    peak = matmul_peak_tflops(bench.device, dtype)
+    return dict(gflop_per_img=round(flops / cfg.batch_size / 1e9, 3), tflops=round(achieved, 4),
+                peak_tflops=round(peak, 3), mfu=round(achieved / peak, 4))
+
+
+def photo_folder(root, n=64):
+    """A stand-in for ImageNet's train/: `n` JPEGs of ImageNet's typical size (about 500 x 375, quality 90) cut from
+    scikit-learn's two sample photos (they ship inside the package: no download)."""
+    from sklearn.datasets import load_sample_images
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    photos = load_sample_images().images  # two 427 x 640 RGB arrays
+    for i in range(n):
+        img = Image.fromarray(photos[i % 2])
+        w, h = 400 + int(torch.randint(200, (), generator=g)), 300 + int(torch.randint(127, (), generator=g))
+        left, top = int(torch.randint(640 - w + 1, (), generator=g)), int(torch.randint(427 - h + 1, (), generator=g))
+        os.makedirs(os.path.join(root, str(i % 2)), exist_ok=True)
+        img.crop((left, top, left + w, top + h)).save(os.path.join(root, str(i % 2), f'{i:03d}.jpg'), quality=90)
+    return root
+
+
+def measure_pipeline(args, device):
+    """Images/s of the two input pipelines on --data_path at --input_size: one CPU worker (PIL decode + MAE-Lite's
+    RandomResizedCrop + flip + normalise, in this process) and decode-on-device (util/gpu_data.py; file reading
+    excluded, the files are read once up front)."""
+    root = args.data_path
+    if root == 'photos':
+        root = photo_folder(tempfile.mkdtemp(prefix='bench_photos_'))
+    elif os.path.isdir(os.path.join(root, 'train')):
+        root = os.path.join(root, 'train')
+    cpu = SafeImageFolder(root, pretrain_transform(args.input_size))
+    per_worker = gpu_data.cpu_pipeline_rate(cpu, n=64)
+    encoded = gpu_data.EncodedImageFolder(root)
+    data = [encoded[i][0] for i in range(min(64, len(encoded)))]
+    crop = gpu_data.DeviceRandomResizedCrop(args.input_size)
+
+    def device_batch():
+        crop([img for img in gpu_data.decode_batch(data, device) if img is not None])
+        _sync(device)
+    on_device = gpu_data.images_per_second(device_batch, len(data))
+    return dict(data_path=args.data_path, images=len(cpu), cpu_img_per_s_per_worker=round(per_worker, 1),
+                data_workers=args.data_workers, cpu_workers_img_per_s=round(per_worker * args.data_workers, 1),
+                device_decode_img_per_s=round(on_device, 1), device=str(device))
+
+
+def report(bench, args, pipeline=None):
+    """The bench's JSON line: timing and memory, MFU (--mfu), and whether the input pipeline keeps up."""
+    r = {'config': bench.cfg.spec, **bench.result()}
+    if args.mfu:
+        r.update(utilisation(bench))
+    if pipeline is not None:
+        r['data_bound_cpu_workers'] = r['img_per_s'] > pipeline['cpu_workers_img_per_s']
+        r['data_bound_device_decode'] = r['img_per_s'] > pipeline['device_decode_img_per_s']
+    return r
+
+
+def suite(args, device):
+    """The configurations of --suite. On a CPU the ViT-B ones run at a quarter of --batch_size (a 2-core machine
+    takes tens of seconds per ViT-B step at batch 64)."""
+    big = args.batch_size if device.type == 'cuda' else max(8, args.batch_size // 4)
+    return ['impl=ours,model=mae_vit_tiny_patch16', 'impl=baseline,model=mae_vit_tiny_patch16',
+            'impl=ours,model=mae_vit_small_patch16', f'impl=ours,model=mae_vit_base_patch16,batch_size={big}',
+            'impl=d_mae,model=mae_vit_tiny_patch16,teacher=vit_base_patch16',
+            'impl=d2_mae,model=mae_vit_tiny_patch16,teacher=vit_base_patch16',
+            'impl=ours,model=mae_swin_tiny,input_size=256', 'impl=ours,model=simmim_swin_tiny,input_size=192',
+            'impl=finetune,model=vit_tiny_patch16', f'impl=finetune,model=vit_base_patch16,batch_size={big}']
 
 
 def make_config(args, spec=''):
@@ -238,7 +395,7 @@ def make_config(args, spec=''):
     for item in filter(None, spec.split(',')):
         k, _, v = item.partition('=')
         if k not in ('impl', 'model', 'teacher', 'batch_size', 'input_size', 'amp', 'compile', 'device',
-                     'mask_ratio', 'norm_pix_loss', 'threads'):
+                     'mask_ratio', 'norm_pix_loss', 'threads', 'channels_last'):
             raise ValueError(f'cannot override {k!r} in a configuration')
         setattr(cfg, k, (types[k] or str)(v))
     if cfg.impl not in IMPLS:
@@ -273,20 +430,25 @@ def main(args):
         perf.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(make_config(args).device)
+    pipeline = None
+    if args.data_path:
+        pipeline = measure_pipeline(args, device)
+        print(json.dumps({'input_pipeline': pipeline}), flush=True)
     if args.compare:
         a, b = Bench(make_config(args, args.compare[0])), Bench(make_config(args, args.compare[1]))
         run([a, b], args.steps, args.warmup)
-        ra, rb = a.result(), b.result()
-        for spec, r in zip(args.compare, (ra, rb)):
-            print(json.dumps({'config': spec, **r}), flush=True)
+        ra, rb = report(a, args, pipeline), report(b, args, pipeline)
+        for r in (ra, rb):
+            print(json.dumps(r), flush=True)
         paired = statistics.median(tb / ta for ta, tb in zip(a.times, b.times))
         print(json.dumps({'compare': list(args.compare), 'ratio': round(ra['img_per_s'] / rb['img_per_s'], 3),
                           'paired_ratio': round(paired, 3)}), flush=True)
         return
-    for spec in args.configs or ['']:
+    for spec in suite(args, device) if args.suite else args.configs or ['']:
         bench = Bench(make_config(args, spec))
         run([bench], args.steps, args.warmup)
-        print(json.dumps({'config': spec, **bench.result()}), flush=True)
+        print(json.dumps(report(bench, args, pipeline)), flush=True)
         del bench
 
 

@@ -175,10 +175,14 @@ def run_teacher(teacher, imgs, ids_keep, attn_idx, hidden_idx):
     """Teacher attention logits at `attn_idx` and hidden features at `hidden_idx` (same index rule as the
     student) on the visible patches `ids_keep` (all patches when None)."""
     x0 = teacher.embed(imgs, ids_keep)
+    # Run only as deep as the targets reach: blocks before the deepest target in full, and a block whose logits are
+    # the deepest target only as far as norm1 + qkv (the usual last-block target: no attention output, MLP or norm).
+    deepest = max([*attn_idx, *hidden_idx])
     need = {i - 1 for i in hidden_idx if 0 < i < len(teacher.blocks)}
-    x, outs, extras = models_vit.run_blocks(teacher.blocks, x0, need, set(attn_idx))
-    final = teacher.norm(x)
-    hidden = [final if i == len(teacher.blocks) else teacher.blocks[i].norm1(outs[i - 1] if i > 0 else x0)
+    x, outs, extras = models_vit.run_blocks(teacher.blocks[:deepest], x0, need, {i for i in attn_idx if i < deepest})
+    if deepest in attn_idx:
+        extras[deepest] = {'logits': attention_logits(teacher.blocks[deepest], x)}
+    hidden = [teacher.norm(x) if i == len(teacher.blocks) else teacher.blocks[i].norm1(outs[i - 1] if i > 0 else x0)
               for i in hidden_idx]
     return [extras[i]['logits'] for i in attn_idx], hidden
 

@@ -29,7 +29,7 @@ import time
 import masking
 import models_mae
 import models_swin
-from util import dist
+from util import dist, gpu_data
 from util.args import common_parser, fill_defaults, resolve_lr
 from util.checkpoint import resume, unwrap_model
 from util.data import SafeImageFolder, build_loader, dataset_root, pretrain_transform
@@ -80,6 +80,11 @@ def get_args_parser():
     g.add_argument('--interpolation', default='random', choices=['random', 'bicubic', 'bilinear'],
                    help="crop resize interpolation: 'random' MAE-Lite, 'bicubic' official MAE")
     g.add_argument('--drop_path', type=float, default=0.0, help='stochastic depth in the encoder')
+    g.add_argument('--decode', default='auto', choices=['auto', 'cpu', 'gpu'],
+                   help="where images are decoded and cropped: 'cpu' (PIL in the --num_workers processes), 'gpu' "
+                        "(workers only read files; batched JPEG decoding and the crops run on --device, "
+                        "util/gpu_data.py), 'auto' = the GPU path when training on a GPU that the measured CPU "
+                        "workers cannot keep fed")
     return p
 
 
@@ -117,6 +122,7 @@ def main(args):
                                         vis_mask_ratio=args.vis_mask_ratio).to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_without_ddp = model
+    loader = gpu_data.pretrain_loader(args, dataset, loader, model)  # --decode
     model = dist.wrap_model(model, args)
 
     resolve_lr(args)

@@ -35,3 +35,42 @@ def test_distill_bench_trains_the_student_only():
         assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
         assert any(not torch.equal(a, b) for a, b in zip(s_before, bench.net.model.parameters()))
         assert len(bench.net.model.blocks) == len(teacher.blocks) + (impl == 'd2_mae')
+
+
+def test_flop_count_matches_the_vit_formula():
+    """The MFU numerator: a fine-tune step's counted FLOPs equal the hand count for a ViT (matmuls 2·m·n·k, attention
+    2·N²·D for q·kᵀ and again for ·v; backward twice the forward, except the patch conv whose input needs no
+    gradient), so attention is counted too."""
+    bench = benchmark.Bench(_cfg('impl=finetune,model=vit_test'))
+    vit = bench.net
+    D, depth, B = vit.embed_dim, len(vit.blocks), 4
+    L = vit.patch_embed.num_patches
+    N, p = L + 1, vit.patch_embed.patch_size[0]
+    hidden = vit.blocks[0].mlp.fc1.out_features
+    block = 2 * N * D * (3 * D + D + 2 * hidden) + 2 * 2 * N * N * D
+    head = 2 * D * vit.head.out_features
+    conv = 2 * L * 3 * p * p * D
+    assert bench.count_flops() == B * (3 * (depth * block + head) + 2 * conv)
+    assert all(p.grad is None for p in vit.parameters())  # counting leaves no gradients behind
+
+
+def test_finetune_bench_step_trains_with_layer_decay():
+    bench = benchmark.Bench(_cfg('impl=finetune,model=mae_vit_test'))  # the mae_ prefix is dropped
+    assert type(bench.net).__name__ == 'VisionTransformer'
+    scales = sorted({g['lr_scale'] for g in bench.opt.param_groups})
+    assert scales[-1] == 1.0 and scales[0] < 0.85 ** len(bench.net.blocks)  # patch embed: the deepest decay
+    before = [p.clone() for p in bench.net.parameters()]
+    bench.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, bench.net.parameters()))
+
+
+def test_suite_covers_every_recipe_and_builds_on_cpu():
+    args = benchmark.get_args_parser().parse_args(['--device', 'cpu'])
+    specs = benchmark.suite(args, torch.device('cpu'))
+    impls = {dict(kv.split('=') for kv in s.split(','))['impl'] for s in specs}
+    assert impls == set(benchmark.IMPLS)
+    models = ' '.join(specs)
+    assert all(m in models for m in ('mae_vit_tiny', 'mae_vit_small', 'mae_vit_base', 'mae_swin_tiny',
+                                      'simmim_swin_tiny', 'finetune,model=vit_base'))
+    for s in specs:  # every suite entry is a valid configuration
+        benchmark.make_config(args, s)

@@ -43,6 +43,27 @@ def test_teacher_sees_exactly_the_students_visible_patches():
     assert torch.allclose(loss, parts['loss_mae'] + parts['loss_attn'], atol=1e-6)
 
 
+def test_teacher_runs_only_as_deep_as_its_targets_yet_gives_the_full_run_values():
+    """run_teacher stops at the deepest target (the last block's MLP is never run for a last-block logit target)
+    and still returns what a full run gives, for every mix of logit and hidden targets."""
+    torch.manual_seed(0)
+    t = teacher()
+    imgs, ids_keep = torch.randn(2, 3, 32, 32), masking.masking_from_noise(torch.rand(2, 16), 0.75)[0]
+    x0 = t.embed(imgs, ids_keep)
+    _, outs, extras = models_vit.run_blocks(t.blocks, x0, {0, 1}, {0, 1})
+    calls = []
+    hook = t.blocks[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+    for attn_idx, hidden_idx in (([1], []), ([0, 1], [1]), ([0], [2]), ([1], [0, 1])):
+        logits, hidden = main_distill.run_teacher(t, imgs, ids_keep, attn_idx, hidden_idx)
+        for i, got in zip(attn_idx, logits):
+            assert torch.allclose(got, extras[i]['logits'], atol=1e-6)
+        full = {0: t.blocks[0].norm1(x0), 1: t.blocks[1].norm1(outs[0]), 2: t.norm(outs[1])}
+        for i, got in zip(hidden_idx, hidden):
+            assert torch.allclose(got, full[i], atol=1e-6)
+    hook.remove()
+    assert len(calls) == 1  # only the ([0], [2]) case, whose final-feature target needs the whole teacher
+
+
 def test_dmae_trains_student_and_adapter_not_teacher():
     torch.manual_seed(0)
     student, t = models_mae.mae_vit_test(), teacher()

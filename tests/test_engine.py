@@ -141,3 +141,67 @@ def test_unreadable_batch_under_ddp_replays_the_last_batch_at_zero_weight(monkey
     assert torch.allclose(captured['grad'], expected)
     with pytest.raises(RuntimeError, match='no readable image'):
         train_one_epoch(model, _step, [empty] + good, optimizer, 0, _args())
+
+
+def _fused_setup():
+    model, _, before = _setup()
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True), before
+
+
+def test_fused_optimizer_skips_nonfinite_steps_on_the_device():
+    """The device-side skip (found_inf) leaves weights and Adam's step count untouched and keeps NaN out of the means."""
+    model, optimizer, before = _fused_setup()
+    stats = train_one_epoch(model, _step, _loader([True, True]), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 2 and _unchanged(model, before)
+    assert all(float(s['step']) == 0 for s in optimizer.state.values())
+    losses = []
+    step = lambda m, x, t: losses.append(_step(m, x, t)) or losses[-1]  # noqa: E731
+    stats = train_one_epoch(model, step, _loader([False, True, False]), optimizer, 0, _args())
+    assert stats['skipped_steps'] == 1 and not _unchanged(model, before)
+    assert stats['loss'] == pytest.approx((losses[0][0].item() + losses[2][0].item()) / 2)
+    assert all(float(s['step']) == 2 for s in optimizer.state.values())
+
+
+def test_fused_optimizer_aborts_at_the_next_check():
+    """max_nonfinite in a row still aborts when the decision stays on the device; the check runs at the progress
+    line, here the last iteration, and the weights are still untouched."""
+    model, optimizer, before = _fused_setup()
+    with pytest.raises(NonFiniteLossError, match='5 optimizer steps in a row'):
+        train_one_epoch(model, _step, _loader([True] * 5), optimizer, 0, _args(max_nonfinite=3))
+    assert _unchanged(model, before)
+    # a run shorter than the limit between two checks is only counted
+    stats = train_one_epoch(model, _step, _loader([True, True, False, True, False]), optimizer, 0,
+                            _args(max_nonfinite=3))
+    assert stats['skipped_steps'] == 3
+
+
+def _host_reads(monkeypatch, fn):
+    """Run fn() counting tensor-to-host reads made from Python (item, tolist, float, int, bool)."""
+    count = [0]
+    for name in ('item', 'tolist', '__float__', '__int__', '__bool__'):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            count[0] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    fn()
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_host_reads_do_not_grow_with_the_epoch_when_fused(monkeypatch, fused):
+    """With a fused optimizer the loop reads nothing back per step (reads happen at progress lines only); the plain
+    optimizer needs one read per step for the skip decision."""
+    def reads(n):
+        model, _, _ = _setup()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        step = lambda m, x, t: ((m(x) ** 2).mean(), {'aux': x.sum()})  # noqa: E731 (reads nothing itself)
+        return _host_reads(monkeypatch, lambda: train_one_epoch(model, step, _loader([False] * n), optimizer, 0,
+                                                                  _args(print_freq=1000)))
+    short, long = reads(4), reads(12)
+    if fused:
+        assert long == short
+    else:
+        assert long - short >= 8

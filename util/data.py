@@ -95,7 +95,7 @@ def collate_skip(batch):
     return images, targets, skipped
 
 
-def build_loader(dataset, batch_size, num_workers=4, pin_mem=True, train=True, seed=0):
+def build_loader(dataset, batch_size, num_workers=4, pin_mem=True, train=True, seed=0, collate_fn=collate_skip):
     """DataLoader over this rank's shard (a DistributedSampler is used at every world size, so the shuffle order
     depends only on (seed, epoch) and a resumed run sees the same batches). Training drops the last partial batch.
     Call `loader.sampler.set_epoch(epoch)` each epoch."""
@@ -103,7 +103,7 @@ def build_loader(dataset, batch_size, num_workers=4, pin_mem=True, train=True, s
                                                   shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=pin_mem and torch.cuda.is_available(), drop_last=train,
-                                       collate_fn=collate_skip, persistent_workers=False)
+                                       collate_fn=collate_fn, persistent_workers=False)
 
 
 def demo_root():

@@ -44,6 +44,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def step_unless(optimizer, skip):
+    """`optimizer.step()` unless `skip` (a 0-d bool tensor), decided on the device with no host synchronisation:
+    fused Adam/AdamW/SGD read a `found_inf` tensor, the way GradScaler hands it to them."""
+    optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
+def check_nonfinite(epoch, it, loss, n_skipped, worst_run, args):
+    """Warn about the steps skipped since the last check; abort after `args.max_nonfinite` in a row."""
+    if n_skipped:
+        log.warning(f'epoch {epoch} iter {it}: {n_skipped} optimizer step(s) skipped since the last check for a '
+                    f'non-finite loss/gradient (last loss {loss.item():.4g}; {worst_run} in a row at most)')
+    if worst_run >= args.max_nonfinite:
+        raise NonFiniteLossError(
+            f'{worst_run} optimizer steps in a row had a non-finite loss or gradient (epoch {epoch}, iteration '
+            f'{it}). Training stopped; checkpoint-last.pth holds the last good epoch. Try a lower --blr, '
+            f'--clip_grad, or --amp bf16/none instead of fp16.')
+
+
 def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None, after_step=None, log_writer=None):
     """Train one epoch.
 
@@ -55,7 +77,9 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
         after_step(model): called after every optimizer step (EMA, momentum teachers).
     The lr follows the per-iteration warmup-cosine schedule times each group's `lr_scale`. A step whose gradient
     norm is not finite is skipped and counted, and left out of the epoch means; `args.max_nonfinite` such steps in a
-    row abort the run. A batch with no readable image is skipped (replayed at zero weight under DDP).
+    row abort the run. With a fused optimizer and no `after_step` the skip is decided on the device and nothing
+    is read back to the host between progress lines (so a GPU never waits for the CPU); the abort then comes at
+    the next progress line. A batch with no readable image is skipped (replayed at zero weight under DDP).
     Returns: dict of epoch averages (over ranks) plus `skipped_steps` and `skipped_images`.
     """
     if torch.device(args.device).type == 'cpu':
@@ -65,7 +89,11 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
     accum = args.accum_iter
     params = [p for g in optimizer.param_groups for p in g['params']]
     max_norm = args.clip_grad if args.clip_grad else math.inf
-    skipped_steps = skipped_images = bad_in_a_row = 0
+    skipped_images = skipped_before = 0
+    # Fused optimizers take the skip decision as a device tensor (`found_inf`, as GradScaler passes it), so a step
+    # needs no host synchronisation; an after_step hook (EMA, momentum encoder) needs the decision on the host.
+    device_skip = after_step is None and getattr(optimizer, '_step_supports_amp_scaling', False)
+    skipped_steps = bad_run = worst_run = torch.zeros((), device=args.device)
     n = len(loader)
     pending = []  # the micro-steps' (loss, metrics) of this optimizer step, logged only if the step is taken
     last_good = None  # the last readable batch, replayed at zero weight in place of an all-unreadable one
@@ -103,39 +131,40 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # gradients are identical on every rank after the all-reduce, so every rank takes the same decision
-        finite = bool(torch.isfinite(grad_norm))
+        nonfinite = ~torch.isfinite(grad_norm)
         if scaler:
             scaler.step(optimizer)  # skips by itself on inf/nan
             scaler.update()
-        elif finite:
+        elif device_skip:
+            step_unless(optimizer, nonfinite)
+        elif not nonfinite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if finite:
-            bad_in_a_row = 0
-            if after_step is not None:
+        if not device_skip:
+            nonfinite = bool(nonfinite)  # the host needs the decision now: hooks, or an optimizer without found_inf
+            if not nonfinite and after_step is not None:
                 after_step(model)
-            # the epoch means cover the steps taken only: one skipped NaN step must not make the logged loss NaN
-            for step_loss, step_metrics in pending:
-                metric_logger.update(loss=step_loss, **step_metrics)
-            metric_logger.update(lr=lr, grad_norm=grad_norm)
-        else:
-            skipped_steps += 1
-            bad_in_a_row += 1
-            log.warning(f'epoch {epoch} iter {it}: non-finite loss/gradient ({loss.item():.4g}); step skipped '
-                        f'({bad_in_a_row} in a row)')
-            if bad_in_a_row >= args.max_nonfinite:
-                raise NonFiniteLossError(
-                    f'{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch {epoch}, '
-                    f'iteration {it}). Training stopped; checkpoint-last.pth holds the last good epoch. Try a '
-                    f'lower --blr, --clip_grad, or --amp bf16/none instead of fp16.')
+        # Bookkeeping as device tensors: the means cover the steps taken only (weight 0 for a skipped step, so one
+        # NaN step cannot make the logged loss NaN), and the run of skipped steps is read at the progress lines.
+        taken = 1.0 - torch.as_tensor(nonfinite, dtype=torch.float32, device=grad_norm.device)
+        for step_loss, step_metrics in pending:
+            metric_logger.update(n=taken, loss=step_loss, **step_metrics)
+        metric_logger.update(n=taken, grad_norm=grad_norm)
+        metric_logger.update(lr=lr)
         pending.clear()
-        if log_writer is not None and finite and it // accum % args.print_freq == 0:
+        skipped_steps = skipped_steps + (1 - taken)
+        bad_run = (bad_run + 1) * (1 - taken)  # skipped steps in a row, 0 after a step taken
+        worst_run = torch.maximum(worst_run, bad_run)
+        if (not device_skip or it // accum % args.print_freq == 0 or it + 1 == n) and float(worst_run) > 0:
+            check_nonfinite(epoch, it, loss, int(skipped_steps) - skipped_before, int(worst_run), args)
+            skipped_before, worst_run = int(skipped_steps), bad_run
+        if log_writer is not None and it // accum % args.print_freq == 0 and float(taken):
             step = int((epoch + it / n) * 1000)  # x-axis in 1/1000 epochs so curves of different batch sizes align
             log_writer.add_scalar('train_loss', loss.item(), step)
             log_writer.add_scalar('lr', lr, step)
     stats = {k: dist.all_reduce_mean(v) for k, v in metric_logger.averages().items()}
     # every rank skips the same steps (same gradients), but each drops its own unreadable images
-    stats.update(skipped_steps=skipped_steps, skipped_images=int(dist.all_reduce_sum(skipped_images)))
+    stats.update(skipped_steps=int(skipped_steps), skipped_images=int(dist.all_reduce_sum(skipped_images)))
     return stats
 
 

@@ -10,6 +10,8 @@ import sys
 import time
 from collections import deque
 
+import torch
+
 log = logging.getLogger('mim')
 
 
@@ -31,6 +33,18 @@ def setup_logging(rank=0, output_dir=None):
     root.setLevel(level)
 
 
+def _host_floats(xs):
+    """Python floats of a list of numbers and 0-d tensors, with one device-to-host read for all the tensors."""
+    at = [i for i, x in enumerate(xs) if torch.is_tensor(x)]
+    if not at:
+        return [float(x) for x in xs]
+    read = torch.stack([xs[i].detach().float().reshape(()).to(xs[at[0]].device) for i in at]).tolist()
+    out = [float(x) if not torch.is_tensor(x) else None for x in xs]
+    for i, v in zip(at, read):
+        out[i] = v
+    return out
+
+
 class Meter:
     """A running metric: median/avg over a window and the global average. Values may be device tensors; they are
     turned into floats only when read, so updating costs no host synchronisation."""
@@ -41,15 +55,20 @@ class Meter:
         self.total, self.count, self.fmt = 0.0, 0, fmt
 
     def update(self, value, n=1):
+        """Add `value` with weight `n` (either may be a device tensor; weight 0 leaves the value out)."""
         self.pending.append((value, n))
 
     def _flush(self):
-        for v, n in self.pending:
-            v = float(v)
+        if not self.pending:
+            return
+        values, weights = _host_floats([v for v, _ in self.pending]), _host_floats([n for _, n in self.pending])
+        self.pending.clear()
+        for v, n in zip(values, weights):
+            if not n:  # weight 0: a step the loop skipped (non-finite), kept out of every statistic
+                continue
             self.window.append(v)
             self.total += v * n
             self.count += n
-        self.pending.clear()
 
     @property
     def global_avg(self):
