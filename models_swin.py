@@ -132,12 +132,24 @@ class WindowAttention(nn.Module):
         x = F.relu(F.linear(x, conv1.weight.flatten(1), conv1.bias))  # [(2r+1)², 32]
         return F.linear(x, conv2.weight.flatten(1), conv2.bias)  # [(2r+1)², H]
 
+    def qkv_heads(self, x):
+        """x [B, nW, L, C] -> q, k, v, each [B, nW, H, L, d]."""
+        B, nW, L, _ = x.shape
+        qkv = self.qkv(x).view(B, nW, L, 3, self.num_heads, self.head_dim)  # [B, nW, L, 3, H, d]
+        return tuple(t.transpose(2, 3) for t in qkv.unbind(3))
+
+    def logits(self, x, index, radius):
+        """The pre-softmax logits q·kᵀ/√d + relative position bias, without the shift mask (what attention
+        distillation matches). x [B, nW, L, C]; index, radius as in `forward`. Returns [B, nW, H, L, L]."""
+        q, k, _ = self.qkv_heads(x)
+        bias = self.bias_table(radius)[index].permute(0, 1, 4, 2, 3)  # [Bc, nW', H, L, L]
+        return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias
+
     def forward(self, x, index, radius, mask=None):
         """x [B, nW, L, C]; index [Bc, nW', L, L] (Bc 1 or B, nW' 1 or nW) rows of `bias_table(radius)`;
         mask [nW, L, L] or None. Returns [B, nW, L, C]."""
         B, nW, L, C = x.shape
-        qkv = self.qkv(x).view(B, nW, L, 3, self.num_heads, self.head_dim)  # [B, nW, L, 3, H, d]
-        q, k, v = (t.transpose(2, 3) for t in qkv.unbind(3))  # each [B, nW, H, L, d]
+        q, k, v = self.qkv_heads(x)  # each [B, nW, H, L, d]
         bias = self.bias_table(radius)[index].permute(0, 1, 4, 2, 3)  # [Bc, nW', H, L, L]
         if mask is not None:
             bias = bias + mask[:, None]  # [Bc, nW, H, L, L]
@@ -160,14 +172,25 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
+    def windows(self, x, ctx):
+        """norm1(x), rolled by -s when the block shifts, cut into windows: [B, H, W, C] -> [B, nW, w*w, C]."""
+        w, s = ctx[self.shifted][:2]
+        y = self.norm1(x)
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(1, 2))
+        return window_partition(y, w)
+
+    def attention_logits(self, x, ctx):
+        """This block's pre-softmax attention logits on x [B, H, W, C] (`WindowAttention.logits`): [B, nW, heads,
+        w*w, w*w]."""
+        _, _, index, radius, _ = ctx[self.shifted]
+        return self.attn.logits(self.windows(x, ctx), index, radius)
+
     def forward(self, x, ctx):
         """x [B, H, W, C]; ctx[shifted] = (window w, shift s, bias index, radius, mask) from the stage."""
         B, H, W, C = x.shape
         w, s, index, radius, mask = ctx[self.shifted]
-        y = self.norm1(x)
-        if s:
-            y = torch.roll(y, (-s, -s), dims=(1, 2))
-        y = self.attn(window_partition(y, w), index, radius, mask)  # [B, nW, w*w, C]
+        y = self.attn(self.windows(x, ctx), index, radius, mask)  # [B, nW, w*w, C]
         y = window_reverse(y, w, H, W)
         if s:
             y = torch.roll(y, (s, s), dims=(1, 2))
@@ -213,6 +236,14 @@ class SwinStage(nn.Module):
         """x [B, H, W, C] (before merging); coords [B, H, W, 2] of a packed map, or None for a dense one; extent:
         the full map's size (before merging) that the coordinates live in. Returns (x, coords, extent) after the
         stage (coords None for a dense map)."""
+        x, coords, extent, ctx = self.prepare(x, coords, extent)
+        for blk in self.blocks:
+            x = blk(x, ctx)
+        return x, coords, extent
+
+    def prepare(self, x, coords=None, extent=None):
+        """Patch merging, then what every block of the stage shares, for the map it actually gets: returns
+        (x, coords, extent, ctx), ctx[shifted] = (window, shift, bias index, radius, shift mask or None)."""
         if not isinstance(self.downsample, nn.Identity):
             x = self.downsample(x)
             coords = None if coords is None else merge_coords(coords)
@@ -233,9 +264,7 @@ class SwinStage(nn.Module):
                 c = torch.roll(coords, (-s, -s), dims=(1, 2)) if s else coords
                 index = relative_index(window_partition(c, w), radius)  # [B, nW, L, L]
             ctx[shifted] = (w, s, index, radius, shift_mask(H, W, w, s, x.device) if s else None)
-        for blk in self.blocks:
-            x = blk(x, ctx)
-        return x, coords, extent
+        return x, coords, extent, ctx
 
 
 class PatchEmbed(nn.Module):
@@ -344,22 +373,19 @@ class SwinTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class MaskedAutoencoderSwin(SwinTransformer):
-    """UM-MAE on Swin: uniform masking (one visible unit per 2x2 block of units), the visible units packed into a
-    dense quarter-size map that Swin encodes with each token's original coordinates (position-MLP bias), a
-    PixelShuffle decoder back to one token per visible unit, and MSE (norm-pix) on the masked units.
+class UniformMaskingMAE:
+    """The encoder-independent half of UM-MAE on a pyramid encoder (Swin here, PVT in models_pvt.py): uniform
+    masking, packing the visible units, secondary masking at the first embedding, the PixelShuffle decoder back to
+    one token per visible unit, and MSE (norm-pix) on the masked units.
 
-    A unit is the area of one last-but-one-stage token: patch_size·2^(stages-2) px (16 px for Swin-T), so the
-    stages before the last never merge tokens of two units. Encoder keys equal `SwinTransformer`'s (with
-    rel_pos='mlp'); `vis_mask_token`, `mask_token` and `decoder*` are pre-training only."""
+    A subclass that is also the encoder calls `init_um` after the encoder's __init__ and defines
+    `forward_encoder(imgs, ids_keep, vis_mask)` -> the last stage's packed map [N, G/4, G/4, C_last]. A unit is the
+    area of one last-but-one-stage token, so the stages before the last never merge tokens of two units."""
 
-    def __init__(self, img_size=256, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2),
-                 num_heads=(3, 6, 12, 24), window_size=8, mlp_ratio=4.0, drop_path_rate=0.0, decoder_embed_dim=512,
-                 decoder_depth=2, decoder_num_heads=16, norm_pix_loss=True, vis_mask_ratio=0.25):
-        super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depths, num_heads, window_size, mlp_ratio,
-                         drop_path_rate=drop_path_rate, rel_pos='mlp')
-        self.unit_size = patch_size * 2 ** (len(depths) - 2)
-        self.unit_tokens = self.unit_size // patch_size  # tokens per unit side
+    def init_um(self, img_size, patch_size, unit_size, in_chans, embed_dim, mlp_ratio, decoder_embed_dim,
+                decoder_depth, decoder_num_heads, norm_pix_loss, vis_mask_ratio):
+        self.unit_size = unit_size
+        self.unit_tokens = self.unit_size // patch_size  # first-stage tokens per unit side
         self.unit_grid = img_size // self.unit_size
         if img_size % self.unit_size or self.unit_grid % 4:
             raise ValueError(f'img_size {img_size} must be a multiple of 4 units of {self.unit_size} px')
@@ -386,19 +412,18 @@ class MaskedAutoencoderSwin(SwinTransformer):
         units = patchify(imgs, self.unit_size)  # [N, G*G, u*u*C]
         return unpatchify(masking.gather_tokens(units, ids_keep), self.unit_size, self.in_chans)
 
-    def forward_encoder(self, imgs, ids_keep, vis_mask):
-        """Encode the packed visible units.
+    def embed_visible(self, imgs, ids_keep, vis_mask, patch_embed):
+        """The packed visible units through `patch_embed` (a `PatchEmbed`: proj, then norm), secondary-masked.
 
         Args: imgs [N, C, H, W]; ids_keep [N, K]; vis_mask [N, K] (1 = this visible unit shows `vis_mask_token`).
-        Returns the last stage's packed map [N, G/4, G/4, C_last] after `norm`."""
-        x = self.patch_embed.proj(self.pack(imgs, ids_keep)).permute(0, 2, 3, 1)  # [N, G/2*t, G/2*t, D]
+        Returns the packed first-stage map [N, Ph, Pw, D] and each token's original coordinate [N, Ph, Pw, 2]."""
+        x = patch_embed.proj(self.pack(imgs, ids_keep)).permute(0, 2, 3, 1)  # [N, G/2*t, G/2*t, D]
         N, Ph, Pw, _ = x.shape
         t, g = self.unit_tokens, self.unit_grid // 2
         # secondary masking per unit: its t x t tokens become the token, which then goes through the embed norm
         m = vis_mask.view(N, g, 1, g, 1).expand(N, g, t, g, t).reshape(N, Ph, Pw, 1).bool()  # [N, Ph, Pw, 1]
-        x = self.patch_embed.norm(torch.where(m, self.vis_mask_token.to(x.dtype), x))
-        coords = masking.packed_coords(ids_keep, (self.unit_grid, self.unit_grid), t)  # [N, Ph, Pw, 2]
-        return self.norm(self.forward_tokens(x, coords, self.patch_embed.grid_size[0]))
+        x = patch_embed.norm(torch.where(m, self.vis_mask_token.to(x.dtype), x))
+        return x, masking.packed_coords(ids_keep, (self.unit_grid, self.unit_grid), t)  # coords [N, Ph, Pw, 2]
 
     def decoder_tokens(self, latent):
         """[N, h, w, C_last] -> one token per visible unit [N, K, Dd], in packing (block-row-major) order."""
@@ -446,6 +471,32 @@ class MaskedAutoencoderSwin(SwinTransformer):
         return self.forward_loss(imgs, pred.float(), mask), pred, mask
 
 
+class MaskedAutoencoderSwin(UniformMaskingMAE, SwinTransformer):
+    """UM-MAE on Swin: uniform masking (one visible unit per 2x2 block of units), the visible units packed into a
+    dense quarter-size map that Swin encodes with each token's original coordinates (position-MLP bias), a
+    PixelShuffle decoder back to one token per visible unit, and MSE (norm-pix) on the masked units.
+
+    A unit is the area of one last-but-one-stage token: patch_size·2^(stages-2) px (16 px for Swin-T). Encoder keys
+    equal `SwinTransformer`'s (with rel_pos='mlp'); `vis_mask_token`, `mask_token` and `decoder*` are pre-training
+    only."""
+
+    def __init__(self, img_size=256, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size=8, mlp_ratio=4.0, drop_path_rate=0.0, decoder_embed_dim=512,
+                 decoder_depth=2, decoder_num_heads=16, norm_pix_loss=True, vis_mask_ratio=0.25):
+        super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depths, num_heads, window_size, mlp_ratio,
+                         drop_path_rate=drop_path_rate, rel_pos='mlp')
+        self.init_um(img_size, patch_size, patch_size * 2 ** (len(depths) - 2), in_chans, embed_dim, mlp_ratio,
+                     decoder_embed_dim, decoder_depth, decoder_num_heads, norm_pix_loss, vis_mask_ratio)
+
+    def forward_encoder(self, imgs, ids_keep, vis_mask):
+        """Encode the packed visible units.
+
+        Args: imgs [N, C, H, W]; ids_keep [N, K]; vis_mask [N, K] (1 = this visible unit shows `vis_mask_token`).
+        Returns the last stage's packed map [N, G/4, G/4, C_last] after `norm`."""
+        x, coords = self.embed_visible(imgs, ids_keep, vis_mask, self.patch_embed)
+        return self.norm(self.forward_tokens(x, coords, self.patch_embed.grid_size[0]))
+
+
 class SimMIMSwin(SwinTransformer):
     """SimMIM on Swin: every token is encoded; the block-masked ones show a learned `mask_token` (after the
     patch-embed norm); a 1x1 conv + PixelShuffle predicts the pixels; L1 on the masked pixels, divided by the
@@ -473,14 +524,26 @@ class SimMIMSwin(SwinTransformer):
         p, s = self.patch_embed.patch_size, self.mask_patch_size
         if mask is None:
             mask = masking.block_masking(N, (H // s, W // s), s // p, mask_ratio, imgs.device, generator)
+        x = self.norm(self.forward_tokens(self.embed_masked(imgs, mask)))  # [N, h', w', C_last]
+        loss, rec = self.reconstruction_loss(imgs, x, mask)
+        return loss, rec, mask
+
+    def embed_masked(self, imgs, mask):
+        """Patch embedding with the masked tokens replaced by `mask_token`: imgs [N, C, H, W], mask [N, h*w] ->
+        [N, h, w, D]."""
         x = self.patch_embed(imgs)  # [N, h, w, D]
-        m = mask.view(N, H // p, W // p, 1).to(x.dtype)
-        x = x * (1 - m) + self.mask_token.to(x.dtype) * m
-        x = self.norm(self.forward_tokens(x))  # [N, h', w', C_last]
-        rec = self.decoder(x.permute(0, 3, 1, 2))  # [N, C, H, W]
+        m = mask.view(*x.shape[:3], 1).to(x.dtype)
+        return x * (1 - m) + self.mask_token.to(x.dtype) * m
+
+    def reconstruction_loss(self, imgs, latent, mask):
+        """Decode the normed last-stage map latent [N, h', w', C_last] to pixels; L1 on the masked ones / C.
+        Returns (loss, reconstruction [N, C, H, W])."""
+        N, C, H, W = imgs.shape
+        p = self.patch_embed.patch_size
+        rec = self.decoder(latent.permute(0, 3, 1, 2))  # [N, C, H, W]
         pix = mask.view(N, 1, H // p, 1, W // p, 1).expand(N, 1, H // p, p, W // p, p).reshape(N, 1, H, W)
         loss = (F.l1_loss(rec.float(), imgs, reduction='none') * pix).sum() / (pix.sum() + 1e-5) / C
-        return loss, rec, mask
+        return loss, rec
 
 
 def _make(cls, preset, kwargs):
@@ -573,18 +636,47 @@ def simmim_swin_light_patch4_window7_224(**kwargs):
                                   window_size=7), kwargs)
 
 
+def simmim_swin_light_d2_patch4_window7_224(**kwargs):
+    """MAE-Lite's D² Swin student: the SimMIM light Swin with one extra (attention-only) last block, 2-2-6-3."""
+    return simmim_swin_light_patch4_window7_224(**{'depths': (2, 2, 6, 3), **kwargs})
+
+
+def simmim_swin_tiny_patch4_window7_224(**kwargs):
+    """SimMIM Swin-T at 224 px, window 7: the D² teacher, windowed as the light student."""
+    return _make(SimMIMSwin, dict(**TINY, img_size=224, window_size=7), kwargs)
+
+
+def simmim_swin_test_d2(**kwargs):
+    """A tiny D² Swin student for unit tests: simmim_swin_test with one extra last block (2-2-3)."""
+    return simmim_swin_test(**{'depths': (2, 2, 3), **kwargs})
+
+
+def simmim_swin_demo_d2(**kwargs):
+    """The demo D² Swin student: simmim_swin_demo with one extra last block (2-2-3)."""
+    return simmim_swin_demo(**{'depths': (2, 2, 3), **kwargs})
+
+
+def simmim_swin_demo_teacher(**kwargs):
+    """The demo D² teacher: simmim_swin_demo at twice the width (96-d stem, as Swin-T to the light Swin)."""
+    return simmim_swin_demo(**{'embed_dim': 96, **kwargs})
+
+
 MODELS = {f.__name__: f for f in (
     swin_test, swin_demo, swin_light_patch4_window7_224, swin_tiny_patch4_window7_224, swin_tiny_patch4_window16_256,
     swin_small_patch4_window7_224, swin_base_patch4_window7_224, swin_large_patch4_window7_224, mae_swin_test,
     mae_swin_demo, mae_swin_tiny_patch4_window8_256, simmim_swin_test, simmim_swin_demo,
-    simmim_swin_tiny_patch4_window6_192, simmim_swin_tiny_patch4_window8_256, simmim_swin_light_patch4_window7_224)}
+    simmim_swin_tiny_patch4_window6_192, simmim_swin_tiny_patch4_window8_256, simmim_swin_light_patch4_window7_224,
+    simmim_swin_light_d2_patch4_window7_224, simmim_swin_tiny_patch4_window7_224, simmim_swin_test_d2,
+    simmim_swin_demo_d2, simmim_swin_demo_teacher)}
 ALIASES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_small_patch4_window7_224',
            'swin_base': 'swin_base_patch4_window7_224', 'swin_large': 'swin_large_patch4_window7_224',
            'swin_light': 'swin_light_patch4_window7_224', 'swin_tiny_um': 'swin_tiny_patch4_window16_256',
            'mae_swin_tiny': 'mae_swin_tiny_patch4_window8_256',
            'simmim_swin_tiny': 'simmim_swin_tiny_patch4_window6_192',
            'simmim_swin_tiny_256': 'simmim_swin_tiny_patch4_window8_256',
-           'simmim_swin_light': 'simmim_swin_light_patch4_window7_224'}
+           'simmim_swin_light': 'simmim_swin_light_patch4_window7_224',
+           'simmim_swin_light_d2': 'simmim_swin_light_d2_patch4_window7_224',
+           'simmim_swin_tiny_224': 'simmim_swin_tiny_patch4_window7_224'}
 
 
 def has_model(name):

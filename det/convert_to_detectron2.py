@@ -1,4 +1,5 @@
 """Export pre-trained ViT weights to detectron2's ViTDet key layout, for users who run the official ViTDet configs.
+ViT only: the Swin + FPN backbone (det/backbone_swin.py) has no detectron2 exporter.
 
   python det/convert_to_detectron2.py mae_tiny_400e.pth.tar vit_t_d2.pth --model vit_tiny_patch16
   # detectron2 config (e.g. MAE-Lite's mask_rcnn_vitdet_t_100ep.py): train.init_checkpoint = "vit_t_d2.pth"
@@ -25,6 +26,7 @@ from collections import OrderedDict  # noqa: E402
 
 import torch  # noqa: E402
 
+import models_swin  # noqa: E402
 import models_vit  # noqa: E402
 from det.backbone import evenly_spaced  # noqa: E402
 from util.checkpoint import load_file  # noqa: E402
@@ -93,6 +95,8 @@ def get_args_parser():
 
 
 def main(args):
+    if models_swin.has_model(args.model):
+        raise ValueError(f'--model {args.model}: the detectron2 export is for ViTDet (ViT) backbones only')
     sd = convert(args.checkpoint, args.model, args.pretrain_img_size, args.img_size, args.window_size,
                  args.global_blocks, args.rel_pos)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -1,5 +1,5 @@
-"""Mask R-CNN (torchvision) around the ViTDet backbone, with ViTDet's heads: 2-conv RPN, 4conv1fc box head and
-4-conv mask head with LayerNorm, anchors on 5 levels, RoIAlign on 4.
+"""Mask R-CNN (torchvision) around the ViTDet backbone (or a Swin + FPN one), with ViTDet's heads: 2-conv RPN,
+4conv1fc box head and 4-conv mask head with LayerNorm, anchors on 5 levels, RoIAlign on 4.
 
 References:
   Mask R-CNN - He, Gkioxari, Dollár, Girshick, ICCV 2017 (torchvision.models.detection.MaskRCNN is the engine).
@@ -16,7 +16,9 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+import models_swin
 from det.backbone import build_vitdet_backbone
+from det.backbone_swin import build_swin_fpn_backbone
 
 
 class SquarePadTransform(GeneralizedRCNNTransform):
@@ -44,9 +46,15 @@ def mask_rcnn_vitdet(num_classes, input_size=640, model='vit_tiny_patch16', pret
                      anchor_sizes=(32, 64, 128, 256, 512), rois_per_image=512, rpn_post_nms_train=1000,
                      rpn_post_nms_test=1000, detections_per_img=100, **vit_kwargs):
     """torchvision MaskRCNN with a ViTDet backbone. `num_classes` excludes the background. Defaults are ViTDet's
-    (RPN: pre-NMS 2000 train / 1000 test, post-NMS 1000; 512 sampled RoIs per image; score threshold 0.05)."""
-    backbone = build_vitdet_backbone(model, pretrain_img_size, window_size, global_blocks, drop_path_rate,
-                                     act_checkpoint, fpn_dim, **vit_kwargs)
+    (RPN: pre-NMS 2000 train / 1000 test, post-NMS 1000; 512 sampled RoIs per image; score threshold 0.05).
+    A models_swin factory name gives the Swin + FPN backbone instead (det/backbone_swin.py; window_size and
+    global_blocks are ViT-only: a Swin keeps its factory's windows)."""
+    if models_swin.has_model(model):
+        backbone = build_swin_fpn_backbone(model, pretrain_img_size, drop_path_rate, act_checkpoint, fpn_dim,
+                                           **vit_kwargs)
+    else:
+        backbone = build_vitdet_backbone(model, pretrain_img_size, window_size, global_blocks, drop_path_rate,
+                                         act_checkpoint, fpn_dim, **vit_kwargs)
     levels = backbone.names  # p2..p5 for RoIAlign; the RPN also sees 'pool'
     anchors = AnchorGenerator(sizes=tuple((s,) for s in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     model = MaskRCNN(
@@ -66,13 +74,17 @@ def mask_rcnn_vitdet(num_classes, input_size=640, model='vit_tiny_patch16', pret
     return model
 
 
-def layer_id_det(name, num_layers):
+def layer_id_det(name, num_layers, depths=None):
     """Layer id for layer-wise lr decay over the whole detector (as detectron2's get_vit_lr_decay_rate):
     backbone.net pos_embed / patch_embed -> 0, backbone.net.blocks.i -> i + 1, everything else (pyramid, RPN,
-    heads) -> num_layers (lr scale 1)."""
-    from util.lr_decay import layer_id_vit
+    heads) -> num_layers (lr scale 1). A Swin backbone (its stage `depths` given) gets util/lr_decay's stage-aware
+    ids: patch_embed -> 0, block b of stage s -> sum(depths[:s]) + b + 1."""
+    from util.lr_decay import layer_id_swin, layer_id_vit
     prefix = 'backbone.net.'
-    return layer_id_vit(name[len(prefix):], num_layers) if name.startswith(prefix) else num_layers
+    if not name.startswith(prefix):
+        return num_layers
+    name = name[len(prefix):]
+    return layer_id_vit(name, num_layers) if depths is None else layer_id_swin(name, num_layers, depths)
 
 
 def count_parameters(module):

@@ -7,6 +7,9 @@
       --output_dir output_dir/det_vit_t
   # evaluate a trained detector
   python det/train.py --data_path /data/coco --eval --resume output_dir/det_vit_t/checkpoint-last.pth
+  # Swin-T + FPN (det/backbone_swin.py) from a Swin / UM-MAE / SimMIM checkpoint; the demo Swin: --backbone swin_demo
+  torchrun --nproc_per_node 8 det/train.py --data_path /data/coco --backbone swin_tiny --drop_path 0.2 \
+      --finetune swin_tiny_patch4_window7_224.pth --output_dir output_dir/det_swin_t
 
 --data_path is a COCO root (annotations/instances_{train2017,val2017}.json, train2017/, val2017/); any other
 COCO-format set works through --train_ann/--train_images/--val_ann/--val_images.
@@ -23,11 +26,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `python det/train.py`
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import models_swin  # noqa: E402
 from det.coco_eval import coco_evaluate  # noqa: E402
 from det.data import CocoDetection, LargeScaleJitter, build_loader, demo_coco_root  # noqa: E402
 from det.model import count_parameters, layer_id_det, mask_rcnn_vitdet  # noqa: E402
@@ -58,8 +63,10 @@ DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=64, pretrain_img_size=3
 def get_args_parser():
     p = argparse.ArgumentParser('Mask R-CNN with a ViTDet backbone on COCO', parents=[common_parser()])
     g = p.add_argument_group('backbone')
-    g.add_argument('--model', default=None, help='ViT factory in models_vit.py (default vit_tiny_patch16; '
-                                                 'vit_demo_patch4 on the demo data)')
+    g.add_argument('--model', '--backbone', dest='model', default=None,
+                   help='ViT factory in models_vit.py (default vit_tiny_patch16; vit_demo_patch4 on the demo data) '
+                        'for the ViTDet backbone, or Swin factory in models_swin.py (swin_tiny, swin_tiny_um, '
+                        'swin_demo) for Swin + FPN')
     g.add_argument('--finetune', default='', help='pre-trained ViT weights for the backbone, any layout the shared '
                                                   'loader (util/pretrained.py) accepts: MAE/MAE-Lite/TinyMIM/MoCo-v3/'
                                                   'timm or our own checkpoints')
@@ -67,10 +74,12 @@ def get_args_parser():
                    help='image size the checkpoint\'s pos-embed grid was trained at (224; 32 for the demo ViT); it is '
                         'stored at that grid and bicubic-interpolated to each input\'s grid')
     g.add_argument('--window_size', type=int, default=None,
-                   help='window attention size in tokens (ViTDet: 14; 8 for the 16x16-token demo); 0 = all global')
+                   help='ViT window attention size in tokens (ViTDet: 14; 8 for the 16x16-token demo); 0 = all '
+                        'global. A Swin keeps its factory\'s windows')
     g.add_argument('--global_blocks', type=int, nargs='*', default=None,
                    help='indices of the global-attention blocks (default: 4 evenly spaced, 2 5 8 11 for depth 12)')
-    g.add_argument('--drop_path', type=float, default=None, help='stochastic depth (MAE-Lite ViT-T 0.0; ViTDet-B 0.1)')
+    g.add_argument('--drop_path', type=float, default=None,
+                   help='stochastic depth (MAE-Lite ViT-T 0.0; ViTDet-B 0.1; Swin-T Mask R-CNN 0.2)')
     g.add_argument('--act_checkpoint', action='store_true',
                    help='recompute block activations in backward (less memory, ~30%% slower; MAE-Lite uses it)')
     g = p.add_argument_group('detector')
@@ -122,6 +131,9 @@ def build_model(args, num_classes):
         keys = unwrap_state_dict(load_file(args.finetune))
         if any(k.endswith(('.ls1.gamma', '.gamma_1')) for k in keys):
             vit_kwargs['init_values'] = 1.0  # overwritten by the checkpoint's gammas
+        if models_swin.has_model(args.model) and any(k.endswith('relative_position_bias_table') or '.rpe_mlp.' in k
+                                                     for k in keys):  # the Swin's bias form is the checkpoint's
+            vit_kwargs['rel_pos'] = 'mlp' if any('.rpe_mlp.' in k for k in keys) else 'table'
     return mask_rcnn_vitdet(
         num_classes, args.input_size, args.model, args.pretrain_img_size, args.window_size, args.global_blocks,
         args.drop_path, args.act_checkpoint, args.fpn_dim, args.box_fc_dim, tuple(args.anchor_sizes),
@@ -176,14 +188,17 @@ def main(args):
         args.warmup_epochs = args.warmup_iters / len(loader)
     args.lr_milestones = [args.epochs * 24 / 27, args.epochs * 26 / 27]
     resolve_lr(args)
-    depth = len(model_without_ddp.backbone.net.blocks)
+    net = model_without_ddp.backbone.net
+    depths = getattr(net, 'depths', None)  # a Swin: stage-aware layer ids
     groups = param_groups_lrd(model_without_ddp, args.weight_decay, args.layer_decay,
-                              no_weight_decay_list={'pos_embed'}, layer_id_fn=layer_id_det, num_layers=depth + 1)
+                              no_weight_decay_list=net.no_weight_decay(),
+                              layer_id_fn=functools.partial(layer_id_det, depths=depths),
+                              num_layers=(sum(depths) if depths else len(net.blocks)) + 1)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=str(args.device).startswith('cuda'))
     scaler = make_scaler(args)
     start_epoch = resume(args, model_without_ddp, optimizer, scaler)
 
-    log.info(f'Mask R-CNN, {args.model} ViTDet backbone: {n_parameters / 1e6:.2f}M trainable parameters; '
+    log.info(f'Mask R-CNN, {args.model} backbone: {n_parameters / 1e6:.2f}M trainable parameters; '
              f'{len(train_set)} train / {len(val_set)} val images, {num_classes} classes {val_set.class_names[:10]}')
     log.info(f'blr {args.blr:.3g}  lr {args.lr:.3g}  effective batch {args.eff_batch_size} ({args.batch_size} x '
              f'{args.accum_iter} accum x {args.world_size} processes)  warmup {args.warmup_epochs:.3g} epochs  '
