@@ -11,9 +11,18 @@
   # TinyMIM ViT-Tiny from MAE ViT-L, relations of block 18 (300 epochs, warmup 15, drop path 0.1)
   torchrun --nproc_per_node 8 main_distill.py --method tinymim --model vit_tiny --teacher_model vit_large \
       --teacher_block 18 --teacher mae_pretrain_vit_large.pth --epochs 300 --warmup_epochs 15 --data_path /data/imagenet
+  # D-MAE on Hiera: MAE Hiera-T (40% of the 32-px mask units removed) + last-block attention of an MAE Hiera-B
+  torchrun --nproc_per_node 8 main_distill.py --method d_mae_hiera --batch_size 512 \
+      --teacher out/mae_hiera_base/checkpoint-399.pth --data_path /data/imagenet
+  python main_distill.py --method d_mae_hiera --teacher /tmp/demo_hiera/checkpoint-last.pth   # demo
+  # D² on Swin: SimMIM light Swin 2-2-6-3 from a SimMIM Swin-T (224 px, window 7); the demo's teacher is a 96-d
+  # demo SimMIM (python main_pretrain.py --model simmim_swin_demo_teacher --output_dir /tmp/demo_simmim_t)
+  torchrun --nproc_per_node 8 main_distill.py --method d2_swin --batch_size 256 --teacher simmim_swin_tiny.pth \
+      --data_path /data/imagenet
+  python main_distill.py --method d2_swin --teacher /tmp/demo_simmim_t/checkpoint-last.pth   # demo
 
-Every run also writes `checkpoint-encoder.pth`: the student as a plain ViT ({'model': state dict}) that
-main_finetune / main_linprobe / main_knn load directly; the teacher is never saved.
+Every run also writes `checkpoint-encoder.pth`: the student as a plain ViT (d2_swin: a plain Swin) ({'model': state
+dict}) that main_finetune / main_linprobe / main_knn load directly; the teacher is never saved.
 
 References:
   MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023
@@ -34,7 +43,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import masking
+import models_hiera
 import models_mae
+import models_swin
 import models_vit
 from util import dist
 from util.args import common_parser, fill_defaults, resolve_lr
@@ -54,18 +65,23 @@ DEMO_DEFAULTS = dict(input_size=32, batch_size=64, epochs=10, warmup_epochs=1, b
                      teacher_model='vit_demo_patch4')
 STUDENTS = {'d_mae': 'mae_vit_tiny_patch16', 'd2_mae': 'mae_vit_tiny_d13_patch16', 'tinymim': 'vit_tiny_patch16'}
 DEMO_STUDENTS = {'d_mae': 'mae_vit_demo_patch4', 'd2_mae': 'mae_vit_demo_patch4', 'tinymim': 'vit_demo_patch4'}
+# D-MAE on Hiera (MAE-Lite): Hiera-T student, Hiera-B teacher, 40% of the mask units removed (models_hiera.py)
+STUDENTS['d_mae_hiera'], DEMO_STUDENTS['d_mae_hiera'] = 'mae_hiera_tiny_224', 'mae_hiera_demo'
+# D² on Swin (MAE-Lite): SimMIM light Swin with an extra last block, SimMIM Swin-T teacher (models_swin.py)
+STUDENTS['d2_swin'], DEMO_STUDENTS['d2_swin'] = 'simmim_swin_light_d2_patch4_window7_224', 'simmim_swin_demo_d2'
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('distillation pre-training', parents=[common_parser()])
     g = p.add_argument_group('distillation')
-    g.add_argument('--method', default='d_mae', choices=['d_mae', 'd2_mae', 'tinymim'])
+    g.add_argument('--method', default='d_mae', choices=['d_mae', 'd2_mae', 'tinymim', 'd_mae_hiera', 'd2_swin'])
     g.add_argument('--model', default=None,
                    help='student factory: an MAE (models_mae) for d_mae/d2_mae, a ViT (models_vit) for tinymim '
                         f'(defaults {STUDENTS})')
     g.add_argument('--depth', type=int, default=None,
                    help='override the student depth (d2_mae on the demo model uses 6 + 1 blocks)')
-    g.add_argument('--teacher_model', default=None, help='teacher ViT factory (default vit_base_patch16)')
+    g.add_argument('--teacher_model', default=None, help='teacher ViT factory (default vit_base_patch16; '
+                                                         'd_mae_hiera: hiera_base_224, hiera_demo on the demo data)')
     g.add_argument('--teacher', default='',
                    help='teacher weights (official mae_pretrain_vit_base.pth, a MAE-Lite teacher, or ours); '
                         'without it the teacher is random, which is only good for smoke tests')
@@ -84,7 +100,8 @@ def get_args_parser():
     g.add_argument('--teacher_block', type=int, default=None,
                    help='TinyMIM: teacher relations come from this block (1-based; ViT-L 18, ViT-B 12); the '
                         'teacher stops there (default: its last block)')
-    g.add_argument('--mask_ratio', type=float, default=0.75)
+    g.add_argument('--mask_ratio', type=float, default=None,
+                   help='fraction of patches removed (0.75; d_mae_hiera: 0.4 of the mask units, MAE-Lite\'s choice)')
     g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True)
     g.add_argument('--min_crop_scale', type=float, default=None,
                    help='RandomResizedCrop lower scale (MAE-Lite 0.08; TinyMIM 0.2)')
@@ -230,6 +247,90 @@ class RelationDistiller(nn.Module):
         return loss_qk + loss_vv, {'loss_qk': loss_qk.detach(), 'loss_vv': loss_vv.detach()}
 
 
+class SwinD2Distiller(nn.Module):
+    """D² on a SimMIM Swin (MAE-Lite's hierarchical variant, SPEC §3.4). The student's last stage has one extra block
+    (light Swin: 2-2-6-3), attention-only. The SimMIM decoder reconstructs from the output before that block, i.e.
+    the plain Swin's output after `norm` (SPEC's "decoder from stage index 1": the last stage's block 1); the extra
+    block's attention logits on that output go through a 1x1 conv over heads (24 -> 24) and are matched (MSE) to the
+    teacher's last-block logits on the same masked input (the teacher's own mask token on the student's mask).
+    Gradients as D²-MAE: the extra block gets the distillation term only, everything before it both terms.
+    The teacher is kept in a list: not a submodule, so not trained, saved or wrapped by DDP."""
+
+    def __init__(self, student, teacher, alpha=1.0):
+        super().__init__()
+        for flag, m in (('--model', student), ('--teacher_model', teacher)):
+            if not isinstance(m, models_swin.SimMIMSwin):
+                raise ValueError(f'd2_swin: {flag} must be a SimMIM Swin of models_swin.py (simmim_swin_*), got a '
+                                 f'{type(m).__name__}')
+        self.model = student
+        self.teacher = [teacher]
+        self.alpha = alpha
+        extra = attention_only(student.layers[-1].blocks[-1])
+        t_heads = teacher.layers[-1].blocks[-1].attn.num_heads
+        self.adapters = nn.ModuleList([nn.Conv2d(extra.attn.num_heads, t_heads, 1, bias=False)])
+
+    def forward(self, imgs, mask_ratio=0.6, mask=None):
+        """imgs [N, C, H, W]; mask [N, h*w] (token grid, 1 = masked) or None for SimMIM's block masking."""
+        student, teacher = self.model, self.teacher[0]
+        N, _, H, W = imgs.shape
+        p, s = student.patch_embed.patch_size, student.mask_patch_size
+        if mask is None:
+            mask = masking.block_masking(N, (H // s, W // s), s // p, mask_ratio, imgs.device)
+        x, ctx = swin_before_last_block(student, student.embed_masked(imgs, mask))  # [N, h', w', C_last]
+        loss_rec, _ = student.reconstruction_loss(imgs, student.norm(x), mask)
+        s_logits = student.layers[-1].blocks[-1].attention_logits(x, ctx)  # [N, nW, H_s, L, L]
+        with torch.no_grad():
+            xt, ctx_t = swin_before_last_block(teacher, teacher.embed_masked(imgs, mask))
+            t_logits = teacher.layers[-1].blocks[-1].attention_logits(xt, ctx_t)  # [N, nW, H_t, L, L]
+        if s_logits.shape[1] != t_logits.shape[1] or s_logits.shape[-1] != t_logits.shape[-1]:
+            raise ValueError(f'student and teacher last-stage windows differ ({tuple(s_logits.shape)} vs '
+                             f'{tuple(t_logits.shape)} logits): give the teacher the student\'s window size')
+        loss_attn = F.mse_loss(self.adapters[0](s_logits.flatten(0, 1)).float(), t_logits.flatten(0, 1).float())
+        loss = loss_rec + self.alpha * loss_attn
+        return loss, {'loss_rec': loss_rec.detach(), 'loss_attn': loss_attn.detach()}
+
+
+def swin_before_last_block(swin, x):
+    """Run a models_swin Swin on embedded tokens x [N, h, w, D] up to its last block. Returns that block's input
+    [N, h', w', C_last] and the last stage's shared context (windows, bias index, shift mask)."""
+    for stage in swin.layers[:-1]:
+        x = stage(x)[0]
+    x, _, _, ctx = swin.layers[-1].prepare(x)
+    for blk in swin.layers[-1].blocks[:-1]:
+        x = blk(x, ctx)
+    return x, ctx
+
+
+def build_swin_teacher(args):
+    """The d2_swin teacher: a SimMIM Swin (its mask token fills the student's masked tokens) at the input size, its
+    checkpoint's mask token kept by the loader (relative-position tables resized to the factory's window)."""
+    teacher = models_swin.create_model(args.teacher_model, img_size=args.input_size)
+    if args.teacher:
+        load_pretrained(teacher, args.teacher, keep_decoder=True)
+    else:
+        log.warning('no --teacher given: the teacher is randomly initialised (smoke test only)')
+    return teacher.requires_grad_(False).eval().to(args.device)
+
+
+def export_swin_encoder(args, student):
+    """Write output_dir/checkpoint-encoder.pth for d2_swin: the student without its extra block, mask token and
+    decoder, checked to load strictly into the plain Swin (e.g. swin_light_patch4_window7_224 with num_classes=0;
+    `norm` is kept: it normalised the decoder's input, the plain Swin's output)."""
+    if not args.output_dir or not dist.is_main_process():
+        return
+    last = len(student.depths) - 1
+    depths = student.depths[:-1] + (student.depths[-1] - 1,)
+    swin = models_swin.SwinTransformer(
+        img_size=args.input_size, patch_size=student.patch_embed.patch_size, num_classes=0,
+        embed_dim=student.stem_dim, depths=depths, num_heads=[st.blocks[0].attn.num_heads for st in student.layers],
+        window_size=student.layers[0].window_size, rel_pos=student.rel_pos)
+    sd = {k: v for k, v in student.state_dict().items()
+          if not k.startswith((f'layers.{last}.blocks.{depths[-1]}.', 'mask_token', 'decoder.'))}
+    swin.load_state_dict(sd, strict=True)
+    atomic_save({'model': sd, 'args': {'method': args.method, 'model': args.model, 'depths': list(depths)}},
+                os.path.join(args.output_dir, 'checkpoint-encoder.pth'))
+
+
 class SharedCropTwoViews:
     """TinyMIM views: one random-resized crop (bicubic) + flip shared by both; the student's copy is also
     colour-jittered. Returns [2, C, H, W] (teacher view, student view)."""
@@ -249,7 +350,10 @@ class SharedCropTwoViews:
 
 
 def build_teacher(args):
-    teacher = models_vit.create_model(args.teacher_model, num_classes=0, img_size=args.input_size)
+    if args.method == 'd_mae_hiera':  # pooled as the MAE-Hiera student, so both last stages hold the same tokens
+        teacher = models_hiera.create_teacher(args.teacher_model, img_size=args.input_size)
+    else:
+        teacher = models_vit.create_model(args.teacher_model, num_classes=0, img_size=args.input_size)
     if args.teacher:
         load_pretrained(teacher, args.teacher)
     else:
@@ -259,6 +363,12 @@ def build_teacher(args):
 
 def build_student(args):
     kw = dict(img_size=args.input_size, drop_path_rate=args.drop_path)
+    if args.method == 'd2_swin':
+        return models_swin.create_model(args.model, **kw)
+    if args.method == 'd_mae_hiera':
+        if args.depth or args.distill_hidden_idx:
+            raise ValueError('d_mae_hiera distils attention logits only: no --depth / --distill_hidden_idx')
+        return models_hiera.create_model(args.model, norm_pix_loss=args.norm_pix_loss, **kw)
     if args.depth:
         kw['depth'] = args.depth
     if args.method == 'tinymim':
@@ -271,6 +381,11 @@ def export_encoder(args, student):
     D²'s attention-only last block is dropped; parts that never got a gradient (D²'s final norm, which normalised
     block `decode_idx`; TinyMIM's last-block projection/MLP and final norm) are written at a fresh init."""
     if not args.output_dir or not dist.is_main_process():
+        return
+    if args.method == 'd_mae_hiera':  # the Hiera classifier's keys (head.norm = the encoder norm), no fc
+        atomic_save({'model': models_hiera.encoder_state_dict(student), 'args': {'method': args.method,
+                                                                                'model': args.model}},
+                    os.path.join(args.output_dir, 'checkpoint-encoder.pth'))
         return
     depth = len(student.blocks) - (1 if args.method == 'd2_mae' else 0)
     vit = models_vit.VisionTransformer(img_size=args.input_size, patch_size=student.patch_embed.patch_size[0],
@@ -289,8 +404,13 @@ def main(args):
     dist.init_distributed_mode(args)
     setup_logging(args.rank, args.output_dir)
     demo = DEMO_STUDENTS if not args.data_path else STUDENTS
+    if args.method == 'd_mae_hiera':
+        fill_defaults(args, dict(teacher_model='hiera_base_224', mask_ratio=0.4), dict(teacher_model='hiera_demo'))
+    if args.method == 'd2_swin':  # SimMIM masks 60% of the mask patches
+        fill_defaults(args, dict(teacher_model='simmim_swin_tiny_patch4_window7_224', mask_ratio=0.6),
+                      dict(teacher_model='simmim_swin_demo_teacher'))
     fill_defaults(args, {**DEFAULTS, 'model': demo[args.method]}, DEMO_DEFAULTS)
-    fill_defaults(args, dict(min_crop_scale=0.2 if args.method == 'tinymim' else 0.08,
+    fill_defaults(args, dict(min_crop_scale=0.2 if args.method == 'tinymim' else 0.08, mask_ratio=0.75,
                              drop_path=0.1 if args.method == 'tinymim' else 0.0))
     if args.method == 'd2_mae' and not args.data_path and args.depth is None:
         args.depth = 7  # the demo MAE has 6 blocks; D² adds an attention-only 7th
@@ -302,9 +422,16 @@ def main(args):
     dataset = SafeImageFolder(root, tf)
     loader = build_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, train=True, seed=args.seed)
 
-    teacher = build_teacher(args)
+    teacher = build_swin_teacher(args) if args.method == 'd2_swin' else build_teacher(args)
     student = build_student(args)
-    if args.method == 'tinymim':
+    if args.method == 'd2_swin':
+        model = SwinD2Distiller(student, teacher, args.alpha)
+    elif args.method == 'd_mae_hiera':
+        if len(args.distill_attn_idx) != len(args.teacher_attn_idx):
+            raise ValueError('--distill_attn_idx and --teacher_attn_idx need the same number of entries')
+        model = models_hiera.HieraDistiller(student, teacher, list(zip(args.distill_attn_idx, args.teacher_attn_idx)),
+                                            args.alpha)
+    elif args.method == 'tinymim':
         tb = args.teacher_block or teacher.depth
         if not 1 <= tb <= teacher.depth:
             raise ValueError(f'--teacher_block {tb} is outside the teacher\'s 1..{teacher.depth} blocks')
@@ -346,7 +473,7 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, step, loader, optimizer, epoch, args, scaler, log_writer=log_writer)
         end_epoch(args, epoch, model, optimizer, scaler, n_parameters, stats, log_writer=log_writer)
-    export_encoder(args, model_without_ddp.model)
+    (export_swin_encoder if args.method == 'd2_swin' else export_encoder)(args, model_without_ddp.model)
     end_training(start, log_writer)
     return model_without_ddp
 

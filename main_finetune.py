@@ -19,6 +19,19 @@
       --data_path /data/imagenet --output_dir out/ft_um_swin
   # the demo UM-MAE / SimMIM Swin (python main_pretrain.py --model mae_swin_demo --output_dir /tmp/demo_um)
   python main_finetune.py --model swin_demo --finetune /tmp/demo_um/checkpoint-last.pth --output_dir /tmp/demo_ft_um
+  # UM-MAE PVT-S (sr ratios 8-4-2-1; the loader converts the pre-trained 4-2-1-1 sr convs), and the demo PVT
+  torchrun --nproc_per_node 8 main_finetune.py --recipe um_swin --model pvt_small \
+      --finetune out/um_pvt/checkpoint-199.pth --data_path /data/imagenet --output_dir out/ft_um_pvt
+  python main_finetune.py --model pvt_demo --finetune /tmp/demo_um_pvt/checkpoint-last.pth --output_dir /tmp/demo_ft_pvt
+  # Hiera-T from MAE-Hiera (main_pretrain.py --model mae_hiera_tiny), and the demo Hiera
+  torchrun --nproc_per_node 8 main_finetune.py --model hiera_tiny --finetune out/mae_hiera/checkpoint-399.pth \
+      --data_path /data/imagenet --output_dir out/ft_hiera
+  python main_finetune.py --model hiera_demo --finetune /tmp/demo_hiera/checkpoint-last.pth --output_dir /tmp/ft_hiera
+  # DeiT-style distillation from a fine-tuned classifier (a distillation token with its own head; hard targets)
+  python main_finetune.py --finetune output_dir/demo_mae/checkpoint-last.pth --distillation_type hard \
+      --teacher_model vit_demo_patch4 --teacher_path output_dir/demo_ft_teacher/checkpoint-best.pth
+  torchrun --nproc_per_node 8 main_finetune.py --model vit_tiny_patch16 --finetune mae_tiny_400e.pth \
+      --distillation_type hard --teacher_model regnety_160 --teacher_path regnety_160.pth --data_path /data/imagenet
   # evaluate a fine-tuned checkpoint
   python main_finetune.py --eval --resume out/ft_tiny/checkpoint-best.pth --model vit_tiny_patch16 \
       --data_path /data/imagenet
@@ -31,7 +44,8 @@ References:
   MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (fine-tuning recipe, GAP
              head with fc_norm, head init std 2e-5).
   BEiT     - Bao et al., ICLR 2022 (layer-wise lr decay, relative position bias).
-  DeiT     - Touvron et al., ICML 2021 (RandAugment, mixup/cutmix, random erasing, EMA; through timm).
+  DeiT     - Touvron et al., ICML 2021 (RandAugment, mixup/cutmix, random erasing, EMA; through timm; distillation
+             token and hard/soft teacher targets, as MAE-Lite's `finetuning_distill`).
   MAE-Lite - Wang et al., "A Closer Look at Self-Supervised Lightweight Vision Transformers", ICML 2023 (improved
              recipe for ViT-Tiny: layer decay 0.85, weak mixup, no erasing/smoothing/drop path; RPE; transfer recipe).
   Swin     - Liu et al., ICCV 2021 (fine-tuning recipe); UM-MAE - Li et al., 2022 (Swin-T at 256 px, window 16).
@@ -43,13 +57,17 @@ import math
 import os
 import time
 
+import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, RandAugment, create_transform
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+import models_hiera
+import models_pvt
 import models_swin
 import models_vit
 from util import dist
@@ -62,7 +80,7 @@ from util.evaluate import evaluate
 from util.logger import make_tb_writer, setup_logging
 from util.lr_decay import param_groups_lrd
 from util.optim import adamw
-from util.pretrained import load_pretrained
+from util.pretrained import load_pretrained, strip_prefixes, unwrap_state_dict
 from util.rng import seed_everything
 
 log = logging.getLogger('mim')
@@ -111,7 +129,9 @@ def get_args_parser():
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None, help=f'ViT factory in models_vit.py (default {COMMON["model"]}; '
                                                  'vit_demo_patch4 on the demo data) or Swin in models_swin.py '
-                                                 '(swin_tiny, swin_tiny_um = window 16 at 256 px, swin_demo)')
+                                                 '(swin_tiny, swin_tiny_um = window 16 at 256 px, swin_demo) or PVT '
+                                                 'in models_pvt.py (pvt_small, pvt_demo) or Hiera in '
+                                                 'models_hiera.py (hiera_tiny, hiera_demo)')
     g.add_argument('--finetune', default='', help='pre-trained weights to start from (MAE/MAE-Lite/TinyMIM/MoCo-v3/'
                                                   'timm layouts); the head is re-initialised (trunc-normal std 2e-5)')
     g.add_argument('--global_pool', default='avg', choices=['avg', 'token'],
@@ -127,6 +147,19 @@ def get_args_parser():
     g.add_argument('--model_ema_warmup', action='store_true',
                    help='ramp the EMA decay up from 0 (timm\'s warmup), useful for short runs where 0.9999 would '
                         'keep the EMA near its start')
+    g = p.add_argument_group('DeiT distillation')
+    g.add_argument('--distillation_type', default='none', choices=['none', 'soft', 'hard'],
+                   help='DeiT: add a distillation token with its own head, trained on the teacher\'s argmax (hard) '
+                        'or its softened distribution (soft); the two heads are averaged at inference')
+    g.add_argument('--distillation_alpha', type=float, default=0.5,
+                   help='loss = (1 - alpha) * loss of the cls head + alpha * loss of the distillation head')
+    g.add_argument('--distillation_tau', type=float, default=1.0, help='soft distillation temperature')
+    g.add_argument('--teacher_model', default=None,
+                   help='teacher architecture: a models_vit.py factory (its pooling follows the checkpoint) or any '
+                        'timm model name')
+    g.add_argument('--teacher_path', default='',
+                   help='the teacher\'s classifier checkpoint (any layout the shared loader reads, head included, '
+                        'e.g. a checkpoint-best.pth of this script); frozen, never saved')
     g = p.add_argument_group('augmentation and regularisation')
     g.add_argument('--aa', default=None,
                    help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1; 'none' = crop + flip only "
@@ -192,6 +225,53 @@ def posterize(img, bits, **_):
     return ImageOps.posterize(img, bits)
 
 
+def distillation_loss(base_loss, dist_logits, teacher_logits, kind, alpha, tau):
+    """DeiT: (1 - alpha) * base_loss + alpha * the distillation head's loss against the teacher; 'hard' is the
+    cross-entropy with the teacher's argmax, 'soft' KL(teacher || student) at temperature tau, summed and scaled by
+    tau² / numel as DeiT does. Args: logits [N, K]. Returns (loss, distillation term)."""
+    dist_logits, teacher_logits = dist_logits.float(), teacher_logits.float()
+    if kind == 'hard':
+        term = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+    else:
+        term = F.kl_div(F.log_softmax(dist_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                        reduction='sum', log_target=True) * (tau * tau) / dist_logits.numel()
+    return (1 - alpha) * base_loss + alpha * term, term
+
+
+def is_vit(name):
+    return name in models_vit.MODELS or name in models_vit.ALIASES
+
+
+def build_teacher(args):
+    """The frozen DeiT teacher: --teacher_model (a models_vit factory, pooled as its checkpoint was fine-tuned, or a
+    timm model) with --teacher_path's weights, which must include the classifier for --nb_classes classes."""
+    if not args.teacher_path or not args.teacher_model:
+        raise ValueError(f'--distillation_type {args.distillation_type} needs --teacher_model and --teacher_path '
+                         '(a fine-tuned classifier checkpoint)')
+    raw = load_file(args.teacher_path)
+    keys = strip_prefixes(unwrap_state_dict(raw))
+    if is_vit(args.teacher_model):
+        teacher = models_vit.create_model(args.teacher_model, img_size=args.input_size, num_classes=args.nb_classes,
+                                          global_pool='avg' if 'fc_norm.weight' in keys else 'token',
+                                          distilled='dist_token' in keys)
+    else:
+        try:
+            teacher = timm.create_model(args.teacher_model, num_classes=args.nb_classes)
+        except RuntimeError as e:
+            raise ValueError(f'--teacher_model {args.teacher_model!r} is neither a models_vit factory '
+                             f'({", ".join(sorted(models_vit.MODELS))}) nor a timm model: {e}') from None
+    info = load_pretrained(teacher, raw)
+    if info['missing'] or info['mismatched']:
+        raise ValueError(f'--teacher_path {args.teacher_path}: not a {args.nb_classes}-class {args.teacher_model} '
+                         f'classifier (missing {info["missing"][:4]}, shape-mismatched {info["mismatched"][:4]})')
+    return teacher.requires_grad_(False).eval().to(args.device)
+
+
+def has_dist_token(path):
+    """Whether the checkpoint at `path` holds a DeiT distillation token (so --eval builds the distilled model)."""
+    return bool(path) and 'dist_token' in strip_prefixes(unwrap_state_dict(load_file(path)))
+
+
 def set_recipe_defaults(args):
     """preset < explicit flag; demo sizes when --data_path is empty."""
     recipe = {**COMMON, **RECIPES[args.recipe]}
@@ -226,22 +306,36 @@ def main(args):
     elif args.nb_classes < nb_classes:
         raise ValueError(f'--nb_classes {args.nb_classes} is smaller than the {nb_classes} classes of {args.dataset}')
 
-    if models_swin.has_model(args.model):  # GAP: 'avg' = mean then fc_norm (MAE layout); no cls token to pool
+    if args.distillation_type != 'none' and not is_vit(args.model):
+        raise ValueError(f'--distillation_type {args.distillation_type} needs a models_vit ViT (it adds a '
+                         f'distillation token); --model {args.model} is not one')
+    pyramid = models_swin if models_swin.has_model(args.model) else models_pvt if models_pvt.has_model(args.model) \
+        else None
+    if pyramid is not None:  # GAP: 'avg' = mean then fc_norm (MAE layout); no cls token to pool
         if args.global_pool != 'avg' or args.rpe:
-            raise ValueError(f'{args.model}: Swin pools by average (--global_pool avg) and has its own relative '
-                             'position bias (no --rpe)')
-        model = models_swin.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                                         fc_norm=True, drop_path_rate=args.drop_path)
+            raise ValueError(f'{args.model}: Swin and PVT pool by average (--global_pool avg) and have their own '
+                             'positions (no --rpe)')
+        model = pyramid.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                     fc_norm=True, drop_path_rate=args.drop_path)
+    elif models_hiera.has_model(args.model):  # timm's Hiera classifier: mean of the last stage, head.norm, head.fc
+        if args.global_pool != 'avg' or args.rpe:
+            raise ValueError(f'{args.model}: Hiera pools by average (--global_pool avg) and has no --rpe')
+        model = models_hiera.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                          drop_path_rate=args.drop_path)
     else:
         rpe = {'rel_pos_bias': True} if args.rpe else {}
+        distilled = args.distillation_type != 'none' or (args.eval and has_dist_token(resume_path(args) or
+                                                                                       args.finetune))
         model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                                        global_pool=args.global_pool, drop_path_rate=args.drop_path, **rpe)
+                                        global_pool=args.global_pool, drop_path_rate=args.drop_path,
+                                        distilled=distilled, **rpe)
     start_from = resume_path(args)
     if args.finetune and not args.eval and not start_from:
         load_pretrained(model, args.finetune)
         head = model.get_classifier() if hasattr(model, 'get_classifier') else model.head  # Swin: head.fc
-        trunc_normal_(head.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
-        torch.nn.init.zeros_(head.bias)
+        for h in (head, getattr(model, 'head_dist', None) or head):  # DeiT's distillation head too
+            trunc_normal_(h.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
+            torch.nn.init.zeros_(h.bias)
     elif args.finetune and start_from and not args.eval:
         log.info(f'resuming from {start_from}: --finetune {args.finetune} is superseded')
     model.to(args.device)
@@ -249,6 +343,13 @@ def main(args):
 
     if args.eval:
         return evaluate_checkpoint(model, loader_val, args)
+    teacher = None
+    if args.distillation_type != 'none':
+        if not 0.0 <= args.distillation_alpha <= 1.0 or args.distillation_tau <= 0:
+            raise ValueError('--distillation_alpha must lie in [0, 1] and --distillation_tau be positive')
+        teacher = build_teacher(args)
+        log.info(f'teacher {args.teacher_model} ({args.teacher_path}): val acc1 '
+                 f'{evaluate(teacher, loader_val, args)["acc1"]:.2f}')
 
     model_ema = None
     if args.model_ema:  # a copy on the same device, outside DDP (its update reads the unwrapped weights)
@@ -297,7 +398,15 @@ def main(args):
             if images.shape[0] % 2:  # mixup pairs images with the flipped batch: needs an even count (a batch
                 images, targets = images[:-1], targets[:-1]  # loses one when an unreadable image was dropped)
             images, targets = mixup_fn(images, targets)
-        return criterion(model(images), targets), {}
+        if teacher is None:
+            return criterion(model(images), targets), {}
+        cls_logits, dist_logits = model(images)
+        with torch.no_grad():
+            teacher_logits = teacher(images)  # the teacher sees the same (mixed) images
+        base = criterion(cls_logits, targets)
+        loss, term = distillation_loss(base, dist_logits, teacher_logits, args.distillation_type,
+                                       args.distillation_alpha, args.distillation_tau)
+        return loss, dict(loss_cls=base.detach(), loss_distill=term.detach())
 
     ema_steps = start_epoch * math.ceil(len(loader_train) / args.accum_iter)  # optimizer steps so far
 

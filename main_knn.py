@@ -49,7 +49,8 @@ def get_args_parser():
     g = p.add_argument_group('k-NN')
     g.add_argument('--model', default=None,
                    help=f'ViT factory in models_vit.py (default {DEFAULTS["model"]}; {DEMO_DEFAULTS["model"]} on '
-                        'the demo data), or a Swin in models_swin.py (swin_tiny, swin_demo; with --feature avg)')
+                        'the demo data), or a Swin in models_swin.py (swin_tiny, swin_demo) or a PVT in models_pvt.py '
+                        '(pvt_small, pvt_demo), both with --feature avg')
     g.add_argument('--finetune', default='',
                    help='weights to evaluate (an MAE checkpoint of main_pretrain, any released layout). Empty = '
                         'random initialisation, a baseline')

@@ -12,6 +12,12 @@
   torchrun --nproc_per_node 8 main_pretrain.py --model simmim_swin_tiny --batch_size 256 --data_path /data/imagenet
   # the same on the demo digits (32 px Swin, seconds per epoch)
   python main_pretrain.py --model mae_swin_demo      # or --model simmim_swin_demo
+  # UM-MAE on PVT-S (256 px, sr ratios 4-2-1-1 on the packed map), and on a demo-sized PVT
+  torchrun --nproc_per_node 8 main_pretrain.py --model mae_pvt_small --batch_size 512 --data_path /data/imagenet
+  python main_pretrain.py --model mae_pvt_demo
+  # MAE on Hiera-T with 32-px mask units, 40% of them removed (MAE-Lite); the demo-sized Hiera
+  torchrun --nproc_per_node 8 main_pretrain.py --model mae_hiera_tiny --batch_size 512 --data_path /data/imagenet
+  python main_pretrain.py --model mae_hiera_demo
 
 References:
   MAE      - He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022.
@@ -27,7 +33,9 @@ import os
 import time
 
 import masking
+import models_hiera
 import models_mae
+import models_pvt
 import models_swin
 from util import dist, gpu_data
 from util.args import common_parser, fill_defaults, resolve_lr
@@ -47,7 +55,7 @@ DEMO_DEFAULTS = dict(model='mae_vit_demo_patch4', input_size=32, batch_size=64, 
 # Swin pre-training (models_swin.py, SPEC §4): UM-MAE Swin-T 200 epochs at 256 px (window 8 on the packed map);
 # SimMIM Swin-T at its paper's 192 px (window 6), masking 60% of the 32-px blocks. The demo keeps DEMO_DEFAULTS.
 # SimMIM's optimiser (MAE-Lite's light-Swin row of SPEC §4): blr 4e-4 per 2048 images, betas (0.9, 0.99), gradient
-# clipping at 5, and milder crops (scale 0.67-1).
+# clipping at 5, and milder crops (scale 0.67-1). UM-MAE on PVT (mae_pvt_*) takes the mae_swin row.
 SWIN_DEFAULTS = {'mae_swin': dict(input_size=256, epochs=200, warmup_epochs=10),
                  'simmim_swin': dict(input_size=192, epochs=100, warmup_epochs=10, blr=4e-4 / 8, beta2=0.99,
                                      clip_grad=5.0, min_crop_scale=0.67)}
@@ -59,10 +67,12 @@ def get_args_parser():
     g.add_argument('--model', default=None,
                    help=f'MAE factory in models_mae.py (default {DEFAULTS["model"]}; short names like mae_vit_tiny '
                         'work), or a UM-MAE / SimMIM Swin in models_swin.py (mae_swin_tiny, simmim_swin_tiny; '
-                        'mae_swin_demo / simmim_swin_demo on the demo data)')
+                        'mae_swin_demo / simmim_swin_demo on the demo data), or a UM-MAE PVT in models_pvt.py '
+                        '(mae_pvt_small; mae_pvt_demo on the demo data), or an MAE Hiera in models_hiera.py '
+                        '(mae_hiera_tiny; mae_hiera_demo on the demo data)')
     g.add_argument('--mask_ratio', type=float, default=None,
-                   help='fraction of patches removed (default 0.75; 0.6 of the mask blocks for SimMIM; uniform '
-                        'masking is always 0.75)')
+                   help='fraction of patches removed (default 0.75; 0.6 of the mask blocks for SimMIM; 0.4 of the '
+                        'mask units for Hiera, MAE-Lite\'s choice; uniform masking is always 0.75)')
     g.add_argument('--mask_type', default='random', choices=['random', 'uniform'],
                    help='ViT MAE: random (MAE) or uniform (UM-MAE: one visible patch per 2x2 block). mae_swin_* '
                         'models always mask uniformly, simmim_swin_* by blocks')
@@ -91,7 +101,7 @@ def get_args_parser():
 def main(args):
     dist.init_distributed_mode(args)
     setup_logging(args.rank, args.output_dir)
-    swin = str(args.model).startswith(('mae_swin', 'simmim_swin'))
+    swin = str(args.model).startswith(('mae_swin', 'simmim_swin', 'mae_pvt'))  # a pyramid encoder (Swin or PVT)
     if swin:
         if args.mask_ratio is None and args.model.startswith('simmim'):
             args.mask_ratio = 0.6
@@ -101,6 +111,11 @@ def main(args):
             raise ValueError(f'{args.model} masks its own way: --shared_mask and --mask_type are for mae_vit_*')
     elif args.shared_mask and args.mask_type == 'uniform':
         raise ValueError('--shared_mask is a random mask; it does not combine with --mask_type uniform')
+    hiera = models_hiera.has_model(args.model)  # MAE on Hiera: whole mask units removed, 40% of them (MAE-Lite)
+    if hiera and (args.shared_mask or args.mask_type != 'random'):
+        raise ValueError(f'{args.model} removes random whole mask units: --shared_mask and --mask_type do not apply')
+    if hiera and args.mask_ratio is None:
+        args.mask_ratio = 0.4
     fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
     seed_everything(args.seed + args.rank)
 
@@ -111,11 +126,14 @@ def main(args):
         raise ValueError(f'{root} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
                          f'({args.world_size} processes); lower --batch_size')
 
-    if swin:  # UM-MAE (mae_swin_*) or SimMIM (simmim_swin_*) on a Swin encoder
+    if hiera:
+        model = models_hiera.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                          drop_path_rate=args.drop_path).to(args.device)
+    elif swin:  # UM-MAE (mae_swin_*) or SimMIM (simmim_swin_*) on a Swin encoder
         mae_kw = {} if args.model.startswith('simmim') else dict(norm_pix_loss=args.norm_pix_loss,
                                                                   vis_mask_ratio=args.vis_mask_ratio)
-        model = models_swin.create_model(args.model, img_size=args.input_size, drop_path_rate=args.drop_path,
-                                         **mae_kw).to(args.device)
+        create = models_pvt.create_model if models_pvt.has_model(args.model) else models_swin.create_model
+        model = create(args.model, img_size=args.input_size, drop_path_rate=args.drop_path, **mae_kw).to(args.device)
     else:
         model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                                         drop_path_rate=args.drop_path, mask_type=args.mask_type,
@@ -137,7 +155,7 @@ def main(args):
     log_writer = make_tb_writer(args.log_dir)
 
     def step(model, images, targets):
-        if swin:
+        if swin or hiera:
             return model(images, mask_ratio=args.mask_ratio)[0], {}
         noise = None
         if args.shared_mask:

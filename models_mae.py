@@ -50,6 +50,18 @@ def patch_targets(patches, norm_pix_loss):
     return F.layer_norm(patches, (D,), weight=scale, eps=1e-6 * (D - 1) / D)
 
 
+def decoder_layers(embed, dim, depth, num_heads, mlp_ratio, out_dim, init=init_weights):
+    """MAE's decoder after its input projection `embed`: `depth` ViT blocks of width `dim`, a LayerNorm and the
+    per-token pixel predictor (dim -> out_dim). `init` is applied to embed, blocks, norm and predictor, in that order.
+    Returns (blocks, norm, pred), for the pyramid MAEs (models_swin, models_hiera)."""
+    blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+    norm = nn.LayerNorm(dim, eps=1e-6)
+    pred = nn.Linear(dim, out_dim)
+    for m in (embed, blocks, norm, pred):
+        m.apply(init)
+    return blocks, norm, pred
+
+
 class MaskedAutoencoderViT(nn.Module):
     """MAE: the encoder sees only the visible patches; a light decoder reconstructs the masked ones.
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 import masking
-from models_mae import patch_targets, patchify, unpatchify
-from models_vit import Block, Mlp, lookup
+from models_mae import decoder_layers, patch_targets, patchify, unpatchify
+from models_vit import Mlp, lookup
 from util.pos_embed import get_2d_sincos_pos_embed
 
 MASK_VALUE = -100.0  # Swin's additive mask between tokens that the cyclic shift made neighbours (timm uses it too)
@@ -397,12 +397,9 @@ class UniformMaskingMAE:
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(get_2d_sincos_pos_embed(decoder_embed_dim, self.unit_grid).unsqueeze(0),
                                               requires_grad=False)  # [1, G*G, Dd], no cls
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
-                                             for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.unit_size ** 2 * in_chans)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
+        self.decoder_blocks, self.decoder_norm, self.decoder_pred = decoder_layers(
+            self.decoder_embed, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
+            self.unit_size ** 2 * in_chans, init=init_weights)
         nn.init.normal_(self.vis_mask_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 

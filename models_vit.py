@@ -203,14 +203,20 @@ class VisionTransformer(nn.Module):
 
     `rel_pos_bias=True` is MAE-Lite's RPE fine-tuning model: a BEiT-style relative position bias in every block and
     separate q/v biases (`qv_bias`, on by default with RPE); the absolute position embedding stays.
-    `init_values` turns on LayerScale (older MAE-Lite RPE checkpoints carry it as gamma_1/gamma_2)."""
+    `init_values` turns on LayerScale (older MAE-Lite RPE checkpoints carry it as gamma_1/gamma_2).
+    `distilled=True` is DeiT's model: a `dist_token` after cls (with its own position row) and its own classifier
+    `head_dist` (on the dist token after `norm`, or after `fc_norm` with 'avg' pooling); training returns
+    (cls_logits, dist_logits), evaluation their average."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool='token', embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, init_values=None, rel_pos_bias=False, qv_bias=None):
+                 drop_path_rate=0.0, init_values=None, rel_pos_bias=False, qv_bias=None, distilled=False):
         super().__init__()
         if global_pool not in ('avg', 'token'):
             raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        if distilled and rel_pos_bias:
+            raise ValueError('distilled=True and rel_pos_bias=True do not combine: the relative position table has '
+                             'rows for one prefix (cls) token only')
         self.global_pool = global_pool
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -218,7 +224,9 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows linearly with depth
         attn_kwargs = dict(qv_bias=rel_pos_bias if qv_bias is None else qv_bias,
@@ -232,25 +240,32 @@ class VisionTransformer(nn.Module):
         self.fc_norm = _default_norm(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None  # DeiT's classifier on the distillation token
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(init_weights)
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
         nn.init.normal_(self.cls_token, std=0.02)
+        if distilled:
+            nn.init.normal_(self.dist_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'pos_embed', 'cls_token'}
+        return {'pos_embed', 'cls_token', 'dist_token'}
 
     def embed(self, x, ids_keep=None):
-        """Patch-embed, add position embedding, optionally keep only `ids_keep` [N, K] patches, prepend cls.
-        Returns [N, 1+L, D] (or [N, 1+K, D])."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [N, L, D]
+        """Patch-embed, add position embedding, optionally keep only `ids_keep` [N, K] patches, prepend cls (and the
+        dist token when distilled). Returns [N, P+L, D] (or [N, P+K, D]), P = num_prefix_tokens."""
+        P = self.num_prefix_tokens
+        x = self.patch_embed(x) + self.pos_embed[:, P:]  # [N, L, D]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [N, 1, D]
-        return self.pos_drop(torch.cat([cls, x], dim=1))
+        prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], dim=1)
+        prefix = (prefix + self.pos_embed[:, :P]).expand(x.shape[0], -1, -1)  # [N, P, D]
+        return self.pos_drop(torch.cat([prefix, x], dim=1))
 
     def forward_features(self, x, return_layers=(), extras_at=(), ids_keep=None):
         """Tokens after the last block (and `norm`), [N, 1+L, D].
@@ -266,13 +281,19 @@ class VisionTransformer(nn.Module):
         return x
 
     def pool(self, x):
-        """[N, 1+L, D] -> [N, D] as `global_pool` says (fc_norm applied for 'avg')."""
+        """[N, P+L, D] -> [N, D] as `global_pool` says (fc_norm applied for 'avg')."""
         if self.global_pool == 'avg':
-            return self.fc_norm(x[:, 1:].mean(dim=1))
+            return self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1))
         return x[:, 0]
 
     def forward_head(self, x):
-        return self.head(self.head_drop(self.pool(x)))
+        logits = self.head(self.head_drop(self.pool(x)))
+        if self.dist_token is None:
+            return logits
+        dist_logits = self.head_dist(self.head_drop(self.fc_norm(x[:, 1])))  # fc_norm is Identity for 'token'
+        if self.training:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2  # DeiT: both heads vote at inference
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

@@ -10,12 +10,14 @@ import logging
 
 import torch
 
+import models_pvt
 import models_swin
 import models_vit
 from util.checkpoint import load_file
 from util.pretrained import DROP, load_pretrained, strip_prefixes, unwrap_state_dict
 
 log = logging.getLogger(__name__)
+PYRAMIDS = (models_swin.SwinTransformer, models_pvt.PyramidVisionTransformer)  # GAP encoders without a cls token
 
 
 def read_state_dict(path):
@@ -64,8 +66,9 @@ def build_frozen_encoder(name, img_size, state=None, layout=None):
     """A models_vit ViT (or models_swin Swin) with no head, weights loaded from `state` (a state dict, via
     util.pretrained), every parameter frozen, in eval mode. With `layout == 'avg'` the encoder keeps the
     checkpoint's trained `fc_norm` (and has no `norm`); otherwise it has the final `norm` and no `fc_norm` at all."""
-    if models_swin.has_model(name):  # Swin: the GAP feature, with the checkpoint's fc_norm when GAP-fine-tuned
-        encoder = models_swin.create_model(name, img_size=img_size, num_classes=0, fc_norm=layout == 'avg')
+    pyramid = models_swin if models_swin.has_model(name) else models_pvt if models_pvt.has_model(name) else None
+    if pyramid is not None:  # Swin / PVT: the GAP feature, with the checkpoint's fc_norm when GAP-fine-tuned
+        encoder = pyramid.create_model(name, img_size=img_size, num_classes=0, fc_norm=layout == 'avg')
     else:
         encoder = models_vit.create_model(name, img_size=img_size, num_classes=0,
                                           global_pool='avg' if layout == 'avg' else 'token')
@@ -88,7 +91,7 @@ def extract_features(encoder, images, feature='token', layer=None):
         layer: block index K (0-based) whose output, then `norm`, is used instead of the last block's.
     Returns: [N, D].
     """
-    if isinstance(encoder, models_swin.SwinTransformer):  # mean of the last stage's tokens after norm (or fc_norm)
+    if isinstance(encoder, PYRAMIDS):  # mean of the last stage's tokens after norm (or fc_norm)
         return encoder.pool(encoder.forward_features(images))  # [N, D]
     if layer is None or layer == len(encoder.blocks) - 1:
         tokens = encoder.forward_features(images)  # [N, 1+L, D], after norm
@@ -102,10 +105,10 @@ def extract_features(encoder, images, feature='token', layer=None):
 
 def check_probe_args(encoder, feature, layer):
     """Reject a --feature other than token/avg and a --probe_layer outside the encoder's blocks."""
-    if isinstance(encoder, models_swin.SwinTransformer):
+    if isinstance(encoder, PYRAMIDS):
         if feature != 'avg' or layer is not None:
-            raise ValueError('a Swin has no cls token and is probed on its last stage: use --feature avg and no '
-                             '--probe_layer')
+            raise ValueError('a Swin or PVT has no cls token and is probed on its last stage: use --feature avg '
+                             'and no --probe_layer')
         return
     if feature not in ('token', 'avg'):
         raise ValueError(f"feature must be 'token' or 'avg', got {feature!r}")

@@ -5,6 +5,7 @@ References: MAE (util/pos_embed.interpolate_pos_embed, main_finetune key handlin
 layouts as described in SPEC §5.
 """
 import logging
+import math
 import re
 
 import torch
@@ -18,10 +19,10 @@ log = logging.getLogger(__name__)
 WRAPPERS = ('model', 'module', 'state_dict', 'model_state')
 PREFIXES = ('module.', 'model.', 'base_encoder.', 'encoder.', 'backbone.')
 # top-level names that belong to pre-training only (teachers, adapters, momentum/EMA copies, decoders, mask tokens)
-DROP = re.compile(r'^(teacher|\w*adapters?|distill|momentum|momentum_encoder|predictor|projector|ema|model_ema|'
+DROP = re.compile(r'^(teacher|\w*adapters?|distill|momentum\w*|predictor|projector|ema|model_ema|'
                   r'decoder|decoder_\w+|mask_token|vis_mask_token|target_encoder)(\.|$)')
 # missing keys that a fresh initialisation is right for; anything else missing is an error
-OPTIONAL = re.compile(r'^(head\.|fc_norm\.|blocks\.\d+\.attn\.relative_position_(bias_table|index)|'
+OPTIONAL = re.compile(r'^(head\.|head_dist\.|fc_norm\.|blocks\.\d+\.attn\.relative_position_(bias_table|index)|'
                       r'blocks\.\d+\.ls\d\.gamma)')
 
 
@@ -82,11 +83,17 @@ def prepare_state_dict(sd, model, keep_decoder=False):
         notes.append(f'dropped {len(extra)} keys of blocks beyond depth {depth} (e.g. {extra[0]})')
         sd = {k: v for k, v in sd.items() if k not in set(extra)}
     sd = convert_keys(sd, model)
+    notes += fit_dist_token(sd, model)
     resized = fit_rel_pos_tables(sd, model)
     if resized:
         notes.append(f'bicubic-resized {len(resized)} relative position tables to the window size (e.g. {resized[0]})')
+    converted = fit_sr_convs(sd, model)
+    if converted:
+        notes.append(f'fitted {len(converted)} PVT spatial-reduction convs to the sr ratios (e.g. {converted[0]})')
     target = model.state_dict()
-    if 'pos_embed' in sd and 'pos_embed' in target:
+    if 'pos_embed' in sd and 'pos_embed' in target and hasattr(model, 'tokens_spatial_shape'):  # Hiera: no cls row
+        sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], model.tokens_spatial_shape, 0)
+    elif 'pos_embed' in sd and 'pos_embed' in target:
         sd['pos_embed'] = fit_pos_embed(sd['pos_embed'], target['pos_embed'], model)
     if 'fc_norm.weight' in target and 'fc_norm.weight' not in sd and 'norm.weight' not in target:
         # global-average pooling: the pre-training `norm` is not used; `fc_norm` starts fresh (official MAE)
@@ -115,20 +122,64 @@ def fit_rel_pos_tables(sd, model):
     return resized
 
 
+def fit_sr_convs(sd, model):
+    """PVT pre-trained by UM-MAE on the packed quarter-size map (sr ratios 4-2-1-1 for PVT-S) and fine-tuned on the
+    full map (8-4-2-1), in place. Either way a key summarises the same image area (a 2x2 block of units), now seen
+    at twice the resolution. A stored k x k conv `attn.sr` becomes fk x fk by nearest-upsampling its kernel and
+    dividing by f², so a map that is constant on f x f patches (the packed map, upsampled) gives the same keys as
+    before; a stage that had no reduction (sr 1) gets an sr conv that averages f x f tokens and a LayerNorm at
+    (1, 0). Returns the converted keys."""
+    target = model.state_dict()
+    converted = []
+    for key in [k for k in target if k.endswith('.attn.sr.weight')]:
+        base, new = key[:-len('sr.weight')], target[key]  # new [C, C, fk, fk]
+        if key in sd:
+            old = sd[key]  # [C, C, k, k]
+            f = new.shape[-1] // old.shape[-1]
+            if old.shape == new.shape or old.shape[:2] != new.shape[:2] or f * old.shape[-1] != new.shape[-1]:
+                continue
+            sd[key] = old.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3) / f ** 2  # [C, C, fk, fk]
+        elif base + 'q.weight' in sd:  # the stage ran without reduction: average pooling, channel by channel
+            C, f, ref = new.shape[0], new.shape[-1], sd[base + 'q.weight']
+            eye = torch.eye(C, dtype=ref.dtype).view(C, C, 1, 1)
+            sd[key] = eye.expand(C, C, f, f) / f ** 2  # [C, C, f, f]
+            sd[base + 'sr.bias'] = torch.zeros(C, dtype=ref.dtype)
+            sd[base + 'norm.weight'] = torch.ones(C, dtype=ref.dtype)
+            sd[base + 'norm.bias'] = torch.zeros(C, dtype=ref.dtype)
+        else:
+            continue
+        converted.append(key)
+    return converted
+
+
+def fit_dist_token(sd, model):
+    """DeiT distillation token, in place: a distilled model loading a checkpoint without one starts its dist token
+    from the cls token (its position row is copied from cls in `fit_pos_embed`); a plain model loading a distilled
+    checkpoint drops `dist_token` and `head_dist.*`. Returns notes."""
+    target = model.state_dict()
+    if 'dist_token' in target and 'dist_token' not in sd and 'cls_token' in sd:
+        sd['dist_token'] = sd['cls_token'].clone()
+        return ['no dist_token in the checkpoint: initialised from cls_token (and its position row from cls)']
+    if 'dist_token' in sd and 'dist_token' not in target:
+        for k in [k for k in sd if k == 'dist_token' or k.startswith('head_dist.')]:
+            del sd[k]
+        return ['dropped the distillation token and head_dist (the model has none)']
+    return []
+
+
 def fit_pos_embed(pos, target, model):
-    """Add a zero cls row when the stored embedding has none, then interpolate the grid to the model's."""
+    """Give the stored embedding the model's prefix rows (none, cls, or cls + DeiT dist token), then interpolate the
+    grid to the model's. A missing cls row is zero (as MAE's), a missing dist row a copy of the cls row; surplus
+    prefix rows are dropped."""
     num_prefix = target.shape[1] - model.patch_embed.num_patches
-    stored_grid = pos.shape[1]
-    if int(round(stored_grid ** 0.5)) ** 2 != stored_grid:  # has a cls row
-        stored_grid -= 1
-        has_prefix = True
-    else:
-        has_prefix = False
-    if num_prefix and not has_prefix:
-        pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    elif has_prefix and not num_prefix:
-        pos = pos[:, 1:]
-    return interpolate_pos_embed(pos, model.patch_embed.grid_size, num_prefix)
+    stored_prefix = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2  # the grid is square; squares >= 4 lie 5+ apart
+    prefix, grid = pos[:, :stored_prefix], pos[:, stored_prefix:]  # [1, P, D], [1, h*w, D]
+    if num_prefix and not stored_prefix:
+        prefix = torch.zeros_like(pos[:, :1])
+    while prefix.shape[1] < num_prefix:
+        prefix = torch.cat([prefix, prefix[:, :1]], dim=1)
+    return interpolate_pos_embed(torch.cat([prefix[:, :num_prefix], grid], dim=1), model.patch_embed.grid_size,
+                                 num_prefix)
 
 
 def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False):
@@ -158,6 +209,10 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
     if isinstance(head, torch.nn.Linear) and any(k in missing for k in ('head.weight', 'head.fc.weight')):
         trunc_normal_(head.weight, std=head_init_std)
         torch.nn.init.zeros_(head.bias)
+    head_dist = getattr(model, 'head_dist', None)  # DeiT's distillation head
+    if isinstance(head_dist, torch.nn.Linear) and 'head_dist.weight' in missing:
+        trunc_normal_(head_dist.weight, std=head_init_std)
+        torch.nn.init.zeros_(head_dist.bias)
     for line in notes:
         log.info(f'{name}: {line}')
     log.info(f'{name}: loaded {len(sd) - len(result.unexpected_keys)} tensors; missing {missing}; '
