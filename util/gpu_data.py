@@ -48,7 +48,8 @@ def decode_batch(data, device):
     """Decode encoded images to RGB uint8 [3, H, W] tensors on `device`.
 
     All JPEGs go through one batched decode_jpeg call; if that fails (a corrupt file, or a PNG among them), each
-    image is decoded on its own, non-JPEGs on the CPU. Images that cannot be decoded come back as None."""
+    image is decoded on its own, non-JPEGs on the CPU. Images that cannot be decoded come back as None.
+    (torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; this is the one place to swap.)"""
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
@@ -95,7 +96,9 @@ class DeviceRandomResizedCrop:
             mode = random.choice(('bilinear', 'bicubic')) if self.interpolation == 'random' else self.interpolation
             out.append(self.resize(img, box, mode, torch.rand(()) < self.flip))
         x = torch.cat(out)  # [N, 3, S, S]
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once, not per batch
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
 
 
 class DeviceDecodeLoader:
