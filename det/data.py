@@ -11,8 +11,6 @@ References:
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from util.data import read_rgb
+from util.data import atomic_folder, demo_cache_dir, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +153,7 @@ DEMO_CLASSES = (0, 1)  # digit classes used as object categories (category id = 
 def demo_coco_root():
     """The COCO-format demo set (annotations/instances_{train,val}.json, train/, val/), written on first use under
     ~/.cache/mim_lite/digits_coco (override with $MIM_DET_DEMO_DIR)."""
-    root = os.environ.get('MIM_DET_DEMO_DIR') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', 'digits_coco')
+    root = demo_cache_dir('MIM_DET_DEMO_DIR', 'digits_coco')
     if not os.path.isfile(os.path.join(root, 'annotations', 'instances_val.json')):
         materialise_digits_coco(root)
     return root
@@ -172,51 +169,45 @@ def materialise_digits_coco(root, size=64, n_train=384, n_val=96, classes=DEMO_C
     digits = load_digits()
     pools = {c: digits.images[digits.target == c] for c in classes}
     rng = np.random.default_rng(seed)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
-    os.makedirs(os.path.join(tmp, 'annotations'))
-    categories = [{'id': c + 1, 'name': str(c), 'supercategory': 'digit'} for c in classes]
-    ann_id = 1
-    for split, n, offset in (('train', n_train, 0), ('val', n_val, 100000)):
-        os.makedirs(os.path.join(tmp, split))
-        images, annotations = [], []
-        for i in range(n):
-            canvas = rng.integers(0, 48, size=(size, size, 3)).astype(np.float32)
-            taken = np.zeros((size, size), bool)
-            for _ in range(int(rng.integers(1, 4))):
-                for _attempt in range(20):
-                    s = int(rng.integers(12, size // 2 + 1))
-                    y, x = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-                    if not taken[y:y + s, x:x + s].any():
-                        break
-                else:
-                    continue
-                taken[y:y + s, x:x + s] = True
-                c = classes[int(rng.integers(len(classes)))]
-                glyph = pools[c][int(rng.integers(len(pools[c])))]  # [8, 8] in 0..16
-                glyph = Image.fromarray((glyph * (255 / 16)).astype(np.uint8)).resize((s, s), Image.BICUBIC)
-                alpha = np.asarray(glyph, np.float32)[..., None] / 255.0  # [s, s, 1]
-                colour = rng.integers(128, 256, size=3).astype(np.float32)
-                canvas[y:y + s, x:x + s] = canvas[y:y + s, x:x + s] * (1 - alpha) + colour * alpha
-                mask = np.zeros((size, size), np.uint8)
-                mask[y:y + s, x:x + s] = alpha[..., 0] > 0.35
-                if not mask.any():
-                    continue
-                rle = mask_util.encode(np.asfortranarray(mask))
-                x0, y0, w, h = (float(v) for v in mask_util.toBbox(rle))
-                annotations.append({'id': ann_id, 'image_id': offset + i, 'category_id': c + 1, 'iscrowd': 0,
-                                    'bbox': [x0, y0, w, h], 'area': float(mask_util.area(rle)),
-                                    'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode('ascii')}})
-                ann_id += 1
-            name = f'{offset + i:06d}.png'
-            Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(os.path.join(tmp, split, name))
-            images.append({'id': offset + i, 'file_name': name, 'height': size, 'width': size})
-        with open(os.path.join(tmp, 'annotations', f'instances_{split}.json'), 'w') as f:
-            json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(root) as tmp:
+        os.makedirs(os.path.join(tmp, 'annotations'))
+        categories = [{'id': c + 1, 'name': str(c), 'supercategory': 'digit'} for c in classes]
+        ann_id = 1
+        for split, n, offset in (('train', n_train, 0), ('val', n_val, 100000)):
+            os.makedirs(os.path.join(tmp, split))
+            images, annotations = [], []
+            for i in range(n):
+                canvas = rng.integers(0, 48, size=(size, size, 3)).astype(np.float32)
+                taken = np.zeros((size, size), bool)
+                for _ in range(int(rng.integers(1, 4))):
+                    for _attempt in range(20):
+                        s = int(rng.integers(12, size // 2 + 1))
+                        y, x = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+                        if not taken[y:y + s, x:x + s].any():
+                            break
+                    else:
+                        continue
+                    taken[y:y + s, x:x + s] = True
+                    c = classes[int(rng.integers(len(classes)))]
+                    glyph = pools[c][int(rng.integers(len(pools[c])))]  # [8, 8] in 0..16
+                    glyph = Image.fromarray((glyph * (255 / 16)).astype(np.uint8)).resize((s, s), Image.BICUBIC)
+                    alpha = np.asarray(glyph, np.float32)[..., None] / 255.0  # [s, s, 1]
+                    colour = rng.integers(128, 256, size=3).astype(np.float32)
+                    canvas[y:y + s, x:x + s] = canvas[y:y + s, x:x + s] * (1 - alpha) + colour * alpha
+                    mask = np.zeros((size, size), np.uint8)
+                    mask[y:y + s, x:x + s] = alpha[..., 0] > 0.35
+                    if not mask.any():
+                        continue
+                    rle = mask_util.encode(np.asfortranarray(mask))
+                    x0, y0, w, h = (float(v) for v in mask_util.toBbox(rle))
+                    annotations.append({'id': ann_id, 'image_id': offset + i, 'category_id': c + 1, 'iscrowd': 0,
+                                        'bbox': [x0, y0, w, h], 'area': float(mask_util.area(rle)),
+                                        'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode('ascii')}})
+                    ann_id += 1
+                name = f'{offset + i:06d}.png'
+                Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(os.path.join(tmp, split, name))
+                images.append({'id': offset + i, 'file_name': name, 'height': size, 'width': size})
+            with open(os.path.join(tmp, 'annotations', f'instances_{split}.json'), 'w') as f:
+                json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
     log.info(f'COCO-format demo set (digits {classes} on {size} px canvases) written to {root}')
     return root

@@ -13,10 +13,11 @@ References: ADE20K (Zhou et al., CVPR 2017) folder layout; UCI handwritten digit
 import logging
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from util.data import atomic_folder, demo_cache_dir
 
 log = logging.getLogger(__name__)
 CLASSES = tuple(str(d) for d in range(10))
@@ -29,8 +30,7 @@ NUM_IMAGES = {'training': 400, 'validation': 80}
 
 def demo_root():
     """The demo set (written on first use): $MIM_SEG_DEMO_DIR, else ~/.cache/mim_lite/ade_digits."""
-    root = os.environ.get('MIM_SEG_DEMO_DIR') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', 'ade_digits')
+    root = demo_cache_dir('MIM_SEG_DEMO_DIR', 'ade_digits')
     if not os.path.isdir(os.path.join(root, 'annotations', 'validation')):
         materialise(root)
     return root
@@ -73,25 +73,19 @@ def materialise(root, num_images=None, seed=0):
     digits = load_digits()
     num_images = num_images or NUM_IMAGES
     rng = np.random.default_rng(seed)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
-    index = np.arange(len(digits.target))
-    pools = {'training': index[index % 5 != 0], 'validation': index[index % 5 == 0]}  # as util/data.py's split
-    for split, n in num_images.items():
-        os.makedirs(os.path.join(tmp, 'images', split))
-        os.makedirs(os.path.join(tmp, 'annotations', split))
-        for i in range(n):
-            pick = rng.choice(pools[split], size=DIGITS_PER_IMAGE, replace=False)
-            img, label = make_image(rng, digits.images[pick], digits.target[pick])
-            name = f'demo_{split}_{i:05d}'
-            Image.fromarray(img).save(os.path.join(tmp, 'images', split, name + '.jpg'), quality=95)
-            Image.fromarray(label).save(os.path.join(tmp, 'annotations', split, name + '.png'))
-    if os.path.isdir(root):  # e.g. an older, partial folder: replace it
-        shutil.rmtree(root)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(root) as tmp:
+        index = np.arange(len(digits.target))
+        pools = {'training': index[index % 5 != 0], 'validation': index[index % 5 == 0]}  # as util/data.py's split
+        for split, n in num_images.items():
+            os.makedirs(os.path.join(tmp, 'images', split))
+            os.makedirs(os.path.join(tmp, 'annotations', split))
+            for i in range(n):
+                pick = rng.choice(pools[split], size=DIGITS_PER_IMAGE, replace=False)
+                img, label = make_image(rng, digits.images[pick], digits.target[pick])
+                name = f'demo_{split}_{i:05d}'
+                Image.fromarray(img).save(os.path.join(tmp, 'images', split, name + '.jpg'), quality=95)
+                Image.fromarray(label).save(os.path.join(tmp, 'annotations', split, name + '.png'))
+        if os.path.isdir(root):  # e.g. an older, partial folder: replace it
+            shutil.rmtree(root)
     log.info(f'demo segmentation set (digits on random backgrounds) written to {root}')
     return root

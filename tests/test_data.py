@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import main_pretrain
@@ -67,3 +68,21 @@ def test_demo_dir_that_holds_something_else_is_named(tmp_path, monkeypatch):
         demo_root()
     assert os.listdir(tmp_path / 'mine') == ['notes.txt']
     assert sorted(os.listdir(tmp_path)) == ['mine']  # the temporary copy was removed
+
+
+def test_atomic_folder_publishes_whole_or_not_at_all(tmp_path):
+    """The demo sets' writer: a completed block appears at `root` in one rename; a block that raises leaves neither
+    `root` nor a temporary folder behind; a `root` that already holds something is left as it was."""
+    from util.data import atomic_folder
+    root = tmp_path / 'set'
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(str(root)) as tmp:
+            open(os.path.join(tmp, 'half.txt'), 'w').close()
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+    with atomic_folder(str(root)) as tmp:
+        open(os.path.join(tmp, 'done.txt'), 'w').close()
+    assert os.listdir(root) == ['done.txt']
+    with atomic_folder(str(root)) as tmp:
+        open(os.path.join(tmp, 'other.txt'), 'w').close()
+    assert os.listdir(root) == ['done.txt'] and sorted(os.listdir(tmp_path)) == ['set']

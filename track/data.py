@@ -13,15 +13,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from util.data import IMG_EXTENSIONS
+from util.data import IMG_EXTENSIONS, atomic_folder, demo_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +325,7 @@ DEMO_FRAME = 96  # demo frames are DEMO_FRAME x DEMO_FRAME RGB
 
 def demo_tracking_root():
     """GOT-10k-layout demo sequences (train/ and val/), written on first use. Override with $MIM_TRACK_DEMO_DIR."""
-    root = os.environ.get('MIM_TRACK_DEMO_DIR') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', 'track_digits')
+    root = demo_cache_dir('MIM_TRACK_DEMO_DIR', 'track_digits')
     if not os.path.isdir(os.path.join(root, 'val')):
         materialise_demo_sequences(root)
     return root
@@ -376,25 +373,19 @@ def materialise_demo_sequences(root, n_train=48, n_val=12, train_frames=30, val_
     train_ids = [i for i in range(len(digits)) if i % 5]
     val_ids = [i for i in range(len(digits)) if i % 5 == 0]
     rng = np.random.default_rng(seed)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
-    for split, n, n_frames, ids in (('train', n_train, train_frames, train_ids), ('val', n_val, val_frames, val_ids)):
-        names = []
-        for k in range(n):
-            name = f'GOT-10k_{split.capitalize()}_{k + 1:06d}'
-            d = os.path.join(tmp, split, name)
-            os.makedirs(d)
-            frames, boxes = render_demo_sequence(digits[ids[rng.integers(len(ids))]], n_frames, rng)
-            for t, f in enumerate(frames):
-                # fastest zlib level: the noisy frames hardly compress anyway, and encoding dominates the write
-                Image.fromarray(f).save(os.path.join(d, f'{t + 1:08d}.png'), compress_level=1)
-            np.savetxt(os.path.join(d, 'groundtruth.txt'), boxes, fmt='%.1f', delimiter=',')
-            names.append(name)
-        with open(os.path.join(tmp, split, 'list.txt'), 'w') as f:
-            f.write('\n'.join(names) + '\n')
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(root) as tmp:
+        for split, n, n_frames, ids in (('train', n_train, train_frames, train_ids), ('val', n_val, val_frames, val_ids)):
+            names = []
+            for k in range(n):
+                name = f'GOT-10k_{split.capitalize()}_{k + 1:06d}'
+                d = os.path.join(tmp, split, name)
+                os.makedirs(d)
+                frames, boxes = render_demo_sequence(digits[ids[rng.integers(len(ids))]], n_frames, rng)
+                for t, f in enumerate(frames):
+                    # fastest zlib level: the noisy frames hardly compress anyway, and encoding dominates the write
+                    Image.fromarray(f).save(os.path.join(d, f'{t + 1:08d}.png'), compress_level=1)
+                np.savetxt(os.path.join(d, 'groundtruth.txt'), boxes, fmt='%.1f', delimiter=',')
+                names.append(name)
+            with open(os.path.join(tmp, split, 'list.txt'), 'w') as f:
+                f.write('\n'.join(names) + '\n')
     log.info(f'demo tracking sequences (moving sklearn digits) written to {root}')

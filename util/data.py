@@ -4,6 +4,7 @@ References: MAE (pre-training transforms), MAE-Lite (random-interpolation crops)
 The demo data are scikit-learn's 1,797 handwritten digits (UCI, 8x8 grey), upscaled and written once as an
 ImageFolder, so every recipe runs on a fresh machine with no download.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -106,10 +107,34 @@ def build_loader(dataset, batch_size, num_workers=4, pin_mem=True, train=True, s
                                        collate_fn=collate_fn, persistent_workers=False)
 
 
+def demo_cache_dir(env_var, name):
+    """Where a demo set lives: $`env_var` if set, else ~/.cache/mim_lite/`name` (honouring $XDG_CACHE_HOME)."""
+    return os.environ.get(env_var) or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', name)
+
+
+@contextlib.contextmanager
+def atomic_folder(root):
+    """Write a folder all at once: yields a temporary folder beside `root` and renames it to `root` when the block
+    ends, so an interrupted write leaves nothing half-done (the temporary folder is removed on an error). When the
+    rename fails (another process finished first, or `root` is a non-empty folder) the temporary folder is dropped."""
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def demo_root():
     """The demo ImageFolder (train/ and val/, classes 0-9), written on first use. Override with $MIM_DEMO_DIR."""
-    root = os.environ.get('MIM_DEMO_DIR') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mim_lite', 'digits')
+    root = demo_cache_dir('MIM_DEMO_DIR', 'digits')
     if not os.path.isdir(os.path.join(root, 'val')):
         materialise_digits(root)
     return root
@@ -120,22 +145,16 @@ def materialise_digits(root):
     (1,437). Written to a temporary folder and renamed, so an interrupted write leaves nothing half-done."""
     from sklearn.datasets import load_digits
     digits = load_digits()
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-        split = 'val' if i % 5 == 0 else 'train'
-        d = os.path.join(tmp, split, str(label))
-        os.makedirs(d, exist_ok=True)
-        pil = Image.fromarray((img * (255.0 / 16.0)).astype('uint8'), mode='L')  # 0..16 -> 0..255
-        pil.resize((DEMO_SIZE, DEMO_SIZE), Image.BICUBIC).convert('RGB').save(os.path.join(d, f'{i:04d}.png'))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first, or `root` is a folder that holds something else
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(os.path.join(root, 'val')):
-            raise FileExistsError(f'cannot write the demo data to {root}: the folder exists and is not the demo data '
-                                  f'(no val/ inside); point $MIM_DEMO_DIR at a new or empty folder') from None
+    with atomic_folder(root) as tmp:
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            split = 'val' if i % 5 == 0 else 'train'
+            d = os.path.join(tmp, split, str(label))
+            os.makedirs(d, exist_ok=True)
+            pil = Image.fromarray((img * (255.0 / 16.0)).astype('uint8'), mode='L')  # 0..16 -> 0..255
+            pil.resize((DEMO_SIZE, DEMO_SIZE), Image.BICUBIC).convert('RGB').save(os.path.join(d, f'{i:04d}.png'))
+    if not os.path.isdir(os.path.join(root, 'val')):  # the rename failed: `root` holds something else
+        raise FileExistsError(f'cannot write the demo data to {root}: the folder exists and is not the demo data '
+                              f'(no val/ inside); point $MIM_DEMO_DIR at a new or empty folder')
     log.info(f'demo data (scikit-learn digits) written to {root}')
 
 
