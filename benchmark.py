@@ -25,7 +25,7 @@ over `--steps` timed steps after `--warmup` untimed ones (the first steps of a c
   python benchmark.py --data_path photos --data_workers 16 --device cuda --amp bf16 --batch_size 256
 
 A configuration is comma-separated key=value overrides of the flags below (impl, model, teacher, batch_size,
-input_size, amp, compile, channels_last, device, mask_ratio, norm_pix_loss, threads). peak_mem_mb is
+input_size, amp, compile, compile_mode, channels_last, device, mask_ratio, norm_pix_loss, threads). peak_mem_mb is
 torch.cuda.max_memory_allocated on a GPU; on CPU it is the process's peak resident set (ru_maxrss), so it includes
 whatever ran before in the process. mfu = achieved FLOP/s (FLOPs of one step counted by torch's FlopCounterMode,
 attention included) over the matmul peak measured on the device in the run's dtype. With --data_path, every line
@@ -60,6 +60,7 @@ import models_mae
 import models_swin
 import models_vit
 from util import engine, gpu_data, perf
+from util.args import COMPILE_MODES
 from util.data import SafeImageFolder, pretrain_transform
 from util.lr_decay import param_groups_lrd
 from util.optim import adamw
@@ -86,6 +87,8 @@ def get_args_parser():
     p.add_argument('--norm_pix_loss', type=_bool, default=True, help='MAE-Lite pre-trains with it (true/false)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
     p.add_argument('--compile', type=_bool, nargs='?', const=True, default=False, help='torch.compile the model')
+    p.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                   help='torch.compile mode with --compile (reduce-overhead: CUDA graphs on a GPU)')
     p.add_argument('--channels_last', type=_bool, nargs='?', const=True, default=False,
                    help='images and conv weights in channels-last memory layout (only the patch embedding of a ViT '
                         'is a convolution, so this is measured rather than on by default)')
@@ -222,7 +225,7 @@ class Bench:
             self.net = main_distill.MAEDistiller(mae, teacher, [(d - 1, teacher.depth - 1)], (), 1.0,
                                                  decode_idx).to(self.device)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=None if cfg.compile_mode == 'default' else cfg.compile_mode)
         # MAE's optimizer: AdamW, betas (0.9, 0.95), no decay on 1-D parameters and tokens, lr for the batch
         opt_args = argparse.Namespace(weight_decay=0.05, lr=1.5e-4 * cfg.batch_size / 256, device=cfg.device)
         groups = param_groups_lrd(mae, 0.05, 0.85) if cfg.impl == 'finetune' else None
@@ -286,6 +289,7 @@ class Bench:
                     amp=cfg.amp, compile=cfg.compile, channels_last=cfg.channels_last, device=str(self.device),
                     img_per_s=round(cfg.batch_size / ms * 1e3, 2),
                     step_ms=round(ms, 1), step_ms_min=round(min(self.times) * 1e3, 1), steps=len(self.times),
+                    **({'compile_mode': cfg.compile_mode} if cfg.compile else {}),
                     peak_mem_mb=round(peak, 1), torch=torch.__version__, threads=torch.get_num_threads(),
                     # CPU: how far the steps raised the peak RSS above the set-up's (model, optimizer, batch): the
                     # training-step memory, meaningful for one configuration per process (--configs)
@@ -394,12 +398,14 @@ def make_config(args, spec=''):
     types = {a.dest: a.type for a in get_args_parser()._actions}
     for item in filter(None, spec.split(',')):
         k, _, v = item.partition('=')
-        if k not in ('impl', 'model', 'teacher', 'batch_size', 'input_size', 'amp', 'compile', 'device',
-                     'mask_ratio', 'norm_pix_loss', 'threads', 'channels_last'):
+        if k not in ('impl', 'model', 'teacher', 'batch_size', 'input_size', 'amp', 'compile', 'compile_mode',
+                     'device', 'mask_ratio', 'norm_pix_loss', 'threads', 'channels_last'):
             raise ValueError(f'cannot override {k!r} in a configuration')
         setattr(cfg, k, (types[k] or str)(v))
     if cfg.impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {cfg.impl!r}')
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f'compile_mode must be one of {", ".join(COMPILE_MODES)}, got {cfg.compile_mode!r}')
     if cfg.amp not in ('none', 'bf16', 'fp16'):
         raise ValueError(f"amp must be one of none, bf16, fp16, got {cfg.amp!r}")
     if cfg.device == 'auto':

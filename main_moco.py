@@ -99,9 +99,8 @@ def contrastive_loss(q, k, T):
     k_all = dist.all_gather_cat(k)  # [N_total, C]; no gradient flows through a gather, none is needed for keys
     # this rank's positives sit after the keys of the ranks before it (batches may differ by dropped images)
     sizes = dist.all_gather_cat(torch.tensor([q.shape[0]], device=q.device))  # [world]
-    offset = int(sizes[:dist.get_rank()].sum())
     logits = q @ k_all.t() / T  # [N, N_total]
-    labels = torch.arange(q.shape[0], device=q.device) + offset  # [N]
+    labels = torch.arange(q.shape[0], device=q.device) + sizes[:dist.get_rank()].sum()  # [N], on the device
     return F.cross_entropy(logits.float(), labels) * (2 * T)
 
 

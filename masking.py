@@ -22,6 +22,12 @@ def random_noise(N, L, device=None, generator=None, shared=False):
     return torch.rand(N, L, device=device, generator=generator)
 
 
+def num_keep(L, mask_ratio):
+    """How many of L tokens a mask ratio keeps: int(L * (1 - mask_ratio)), float rounding absorbed (1 - 0.7 =
+    0.29999...). A Python int, known before any tensor exists: the shapes of a masked step are static."""
+    return int(L * (1 - mask_ratio) + 1e-9)
+
+
 def masking_from_noise(noise, mask_ratio):
     """Per-sample masking decided by `noise`: the `int(L * (1 - mask_ratio))` tokens with the smallest noise are kept.
 
@@ -33,7 +39,7 @@ def masking_from_noise(noise, mask_ratio):
         order), ids_restore [N, L] (inverse permutation of ids_shuffle), ids_shuffle [N, L].
     """
     N, L = noise.shape
-    len_keep = int(L * (1 - mask_ratio) + 1e-9)  # the epsilon only absorbs float rounding (e.g. 1 - 0.7 = 0.29999)
+    len_keep = num_keep(L, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # [N, L], kept tokens first
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
     ids_keep = ids_shuffle[:, :len_keep]  # [N, K]

@@ -13,6 +13,7 @@ Layout (timm's): the patch tokens are "unrolled" so that every mask unit's token
 is a max over the leading stride axis; `Hiera.forward_features(x, mask=keep)` drops the removed units (keep: [N, G]
 bool, True = visible, the same count per row), keeping the visible ones in ascending unit order, and with
 `return_intermediates=True` re-rolls every stage's output to [N, K, u, u, C] (K visible units, u x u tokens each).
+`encode` does the same with a gather instead of the boolean index, so a training step has static shapes.
 """
 import torch
 import torch.nn as nn
@@ -43,23 +44,32 @@ def attention_logits(block, x):
     return logits if attn.use_mask_unit_attn else logits.squeeze(2)
 
 
-def encode(model, imgs, keep, attn_idx=()):
-    """Run a Hiera on the visible mask units only.
+def encode(model, imgs, keep, attn_idx=(), num_keep=None):
+    """Run a Hiera on the visible mask units only: timm's `forward_features(imgs, mask=keep,
+    return_intermediates=True)`, except that the removed units are dropped by a gather of a known count, not by a
+    boolean index (whose data-dependent shape is a host sync every step on a GPU and breaks a compiled graph).
 
     Args: model a timm Hiera (or `MaskedAutoencoderHiera`); imgs [N, C, H, W]; keep [N, G] bool (True = visible, the
         same count per row); attn_idx: blocks whose attention logits to return (computed for those blocks alone, from
-        their inputs caught by a forward pre-hook).
+        their inputs); num_keep: visible units per row (read from `keep` if not given, one host read).
     Returns: (every stage's output re-rolled per visible unit, each [N, K, u_s, u_s, C_s]; logits per attn_idx, see
         `attention_logits`).
     """
-    inputs = {}
-    hooks = [model.blocks[i].register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
-             for i in attn_idx]
-    try:
-        _, stages = model.forward_features(imgs, mask=keep, return_intermediates=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    N, G = keep.shape
+    if num_keep is None:
+        num_keep = int(keep[0].sum())
+    x = model.patch_embed(imgs, mask=keep.view(N, 1, *model.mask_spatial_shape))  # removed units' pixels zeroed
+    x = model.unroll(model._pos_embed(x))  # [N, mu*G, C]: token j*G + g is token j of unit g
+    units = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :num_keep]  # [N, K], visible, ascending
+    index = torch.arange(model.mu_size, device=keep.device).view(1, -1, 1) * G + units.unsqueeze(1)  # [N, mu, K]
+    x = masking.gather_tokens(x, index.flatten(1))  # [N, mu*K], the order timm's boolean index leaves
+    stages, inputs = [], {}
+    for i, blk in enumerate(model.blocks):
+        if i in attn_idx:
+            inputs[i] = x
+        x = blk(x)
+        if i in model.stage_ends:
+            stages.append(model.reroll(x, i, mask=keep))
     return stages, [attention_logits(model.blocks[i], inputs[i]) for i in attn_idx]
 
 
@@ -114,20 +124,20 @@ class MaskedAutoencoderHiera(Hiera):
     def random_unit_mask(self, N, mask_ratio, device=None, generator=None):
         """Per-sample random mask units (`masking.random_masking`): [N, G] float, 1 = removed; every row keeps
         int(G * (1 - mask_ratio)) units."""
-        mask = masking.random_masking(N, self.num_units, mask_ratio, device, generator)[1]
-        if mask.shape[1] - mask[0].sum() < 1:
+        if masking.num_keep(self.num_units, mask_ratio) < 1:
             raise ValueError(f'mask_ratio {mask_ratio} leaves no visible unit of {self.num_units}')
-        return mask
+        return masking.random_masking(N, self.num_units, mask_ratio, device, generator)[1]
 
     def token_mask(self, mask):
         """Unit mask [N, G] -> the same mask on the last-stage token grid [N, h*w] (row-major), constant per unit."""
         N, (gh, gw), t = mask.shape[0], self.mask_spatial_shape, self.unit_tokens
         return mask.view(N, gh, 1, gw, 1).expand(N, gh, t, gw, t).reshape(N, gh * t * gw * t)
 
-    def forward_encoder(self, imgs, mask, attn_idx=()):
-        """Encode the visible units; mask [N, G] (1 = removed). Returns (fused, normed latent [N, K, t, t, C_last]
-        in ascending unit order; attention logits of the blocks `attn_idx`)."""
-        stages, logits = encode(self, imgs, mask == 0, attn_idx)
+    def forward_encoder(self, imgs, mask, attn_idx=(), num_keep=None):
+        """Encode the visible units; mask [N, G] (1 = removed), num_keep its visible units per row (see `encode`).
+        Returns (fused, normed latent [N, K, t, t, C_last] in ascending unit order; attention logits of the blocks
+        `attn_idx`)."""
+        stages, logits = encode(self, imgs, mask == 0, attn_idx, num_keep)
         x = stages[-1]  # [N, K, t, t, C_last]
         for conv, feat in zip(self.decoder_fusion, stages):
             N, K, u, _, C = feat.shape
@@ -167,13 +177,15 @@ class MaskedAutoencoderHiera(Hiera):
         """Args: imgs [N, C, H, W]; mask_ratio: fraction of mask units removed (MAE-Lite's Hiera-T: 0.4); mask [N, G]
             (optional, 1 = removed, the same count per row) for reproducible runs; generator for the random one.
         Returns: loss, pred [N, h*w, s*s*C], mask [N, G] (1 = removed)."""
+        num_keep = None
         if mask is None:
             mask = self.random_unit_mask(imgs.shape[0], mask_ratio, imgs.device, generator)
+            num_keep = masking.num_keep(self.num_units, mask_ratio)
         elif mask.shape != (imgs.shape[0], self.num_units):
             raise ValueError(f'mask must be [N, {self.num_units}] (one entry per mask unit), got {tuple(mask.shape)}')
         elif not (mask.sum(1) == mask[0].sum()).all():  # the visible units are stacked into one [N, K, ...] batch
             raise ValueError('every row of the mask must remove the same number of units')
-        latent, _ = self.forward_encoder(imgs, mask)
+        latent, _ = self.forward_encoder(imgs, mask, num_keep=num_keep)
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred.float(), mask), pred, mask
 
@@ -204,12 +216,14 @@ class HieraDistiller(nn.Module):
 
     def forward(self, imgs, mask_ratio=0.4, mask=None):
         student, teacher = self.model, self.teacher[0]
+        num_keep = None
         if mask is None:
             mask = student.random_unit_mask(imgs.shape[0], mask_ratio, imgs.device)
-        latent, s_logits = student.forward_encoder(imgs, mask, [s for s, _ in self.attn_pairs])
+            num_keep = masking.num_keep(student.num_units, mask_ratio)
+        latent, s_logits = student.forward_encoder(imgs, mask, [s for s, _ in self.attn_pairs], num_keep)
         loss_mae = student.forward_loss(imgs, student.forward_decoder(latent, mask).float(), mask)
         with torch.no_grad():
-            _, t_logits = encode(teacher, imgs, mask == 0, [t for _, t in self.attn_pairs])
+            _, t_logits = encode(teacher, imgs, mask == 0, [t for _, t in self.attn_pairs], num_keep)
         loss_attn = 0.0
         for adapter, s, t, pair in zip(self.adapters, s_logits, t_logits, self.attn_pairs):
             a = adapter(s.flatten(2, -2))  # mask-unit attention: windows x queries as one axis

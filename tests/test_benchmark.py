@@ -74,3 +74,22 @@ def test_suite_covers_every_recipe_and_builds_on_cpu():
                                       'simmim_swin_tiny', 'finetune,model=vit_base'))
     for s in specs:  # every suite entry is a valid configuration
         benchmark.make_config(args, s)
+
+
+def test_compile_mode_key_reaches_torch_compile_and_the_result(monkeypatch):
+    """compile_mode=... is handed to torch.compile and reported; an unknown mode is refused, naming the key."""
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: calls.append(kw) or m)
+    bench = benchmark.Bench(_cfg('compile=1,compile_mode=reduce-overhead'))
+    assert calls == [{'mode': 'reduce-overhead'}]
+    bench.times = [0.1]
+    assert bench.result()['compile_mode'] == 'reduce-overhead'
+    plain = benchmark.Bench(_cfg(''))
+    plain.times = [0.1]
+    assert 'compile_mode' not in plain.result() and len(calls) == 1
+    try:
+        _cfg('compile=1,compile_mode=fastest')
+    except ValueError as e:
+        assert 'compile_mode' in str(e)
+    else:
+        raise AssertionError('an unknown compile_mode was accepted')

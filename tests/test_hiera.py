@@ -115,6 +115,24 @@ def test_visible_units_are_placed_back_in_their_own_unit():
         assert (placed[removed] == 7.0).all() and not (placed[~removed] == 7.0).any()
 
 
+def test_encode_equals_timms_masked_forward_features():
+    """`encode` drops the removed units by a gather of a known count; timm drops them by a boolean index. Every
+    stage's output must be the same, for a random mask with and without the count given, and for a mask whose
+    visible units are not in any sorted order of their ids (rows differ)."""
+    torch.manual_seed(0)
+    model = models_hiera.mae_hiera_test().eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    mask = model.random_unit_mask(3, 0.75, generator=torch.Generator().manual_seed(1))  # 4 of 16 units visible
+    assert not (mask[0] == mask[1]).all()
+    with torch.no_grad():
+        _, want = model.forward_features(imgs, mask=mask == 0, return_intermediates=True)
+        for num_keep in (4, None):
+            got, _ = models_hiera.encode(model, imgs, mask == 0, num_keep=num_keep)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_attention_logits_are_the_blocks_own():
     """softmax(logits) @ v through the projection reproduces each block's attention output, for every kind of
     block of hiera_test: mask-unit attention without and with q pooling, global attention with q pooling."""

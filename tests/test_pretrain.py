@@ -9,6 +9,7 @@ import torch
 import main_pretrain
 import models_mae
 from util.checkpoint import resume, save_checkpoint, unwrap_model
+from util.dist import wrap_model
 
 
 def read_log(output_dir):
@@ -89,6 +90,29 @@ def test_unwrap_and_save_strip_compile_wrapper(tmp_path):
     save_checkpoint(args, 0, compiled, optimizer)
     ckpt = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert list(ckpt['model']) == list(model.state_dict())
+
+
+@pytest.mark.parametrize('flags, mode', [([], None), (['--compile_mode', 'reduce-overhead'], 'reduce-overhead'),
+                                         (['--compile_mode', 'max-autotune'], 'max-autotune')])
+def test_compile_mode_reaches_torch_compile(monkeypatch, flags, mode):
+    """--compile_mode is handed to torch.compile (None for 'default'); nothing is compiled without --compile; an
+    unknown mode is refused by the parser, naming the flag."""
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: calls.append(kw) or m)
+    model = models_mae.mae_vit_test()
+    args = main_pretrain.get_args_parser().parse_args(flags)
+    args.distributed = False
+    assert wrap_model(model, args) is model and calls == []
+    args = main_pretrain.get_args_parser().parse_args(['--compile', *flags])
+    args.distributed = False
+    wrap_model(model, args)
+    assert calls == [{'mode': mode}]
+
+
+def test_unknown_compile_mode_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main_pretrain.get_args_parser().parse_args(['--compile', '--compile_mode', 'fastest'])
+    assert '--compile_mode' in capsys.readouterr().err
 
 
 def test_truncated_checkpoint_error_names_the_file(run_a, tmp_path, pretrain_args):

@@ -4,6 +4,8 @@ References: MAE (main_pretrain.py / main_finetune.py flags, kept with the same n
 """
 import argparse
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
+
 
 def common_parser():
     p = argparse.ArgumentParser(add_help=False)
@@ -48,6 +50,10 @@ def common_parser():
                         'GPUs, none on CPU (bf16 autocast is slower than fp32 on typical CPUs)')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the model (checkpoints still hold the plain module\'s keys)')
+    g.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                   help='torch.compile mode with --compile: reduce-overhead captures the forward and backward as CUDA '
+                        'graphs (every training forward is one graph with static shapes and no host sync, '
+                        'tests/test_static_graphs.py); max-autotune also searches GEMM kernels')
     g.add_argument('--max_nonfinite', type=int, default=20,
                    help='abort after this many optimizer steps in a row with a non-finite loss or gradient '
                         '(each such step is skipped)')

@@ -49,7 +49,8 @@ def wrap_model(model, args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if str(args.device).startswith('cuda') else None)
     if getattr(args, 'compile', False):
-        model = torch.compile(model)
+        mode = getattr(args, 'compile_mode', 'default')
+        model = torch.compile(model, mode=None if mode == 'default' else mode)
     return model
 
 
