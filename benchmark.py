@@ -21,6 +21,8 @@ over `--steps` timed steps after `--warmup` untimed ones (the first steps of a c
   python benchmark.py --compare impl=ours,compile=1 impl=baseline,compile=1 --steps 20
   # the GPU targets: bf16 ours vs the fp16-autocast eager official-style step, at the same batch
   python benchmark.py --device cuda --batch_size 256 --compare impl=ours,amp=bf16,compile=1 impl=baseline,amp=fp16
+  # where does a step's time go? (GEMMs and their FLOP rate, attention, the ten largest other ops)
+  python benchmark.py --steps 3 --profile 5
   # is the input pipeline fast enough? ('photos' = ImageNet-sized JPEGs made from scikit-learn's sample photos)
   python benchmark.py --data_path photos --data_workers 16 --device cuda --amp bf16 --batch_size 256
 
@@ -98,6 +100,9 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=3,
                    help='untimed steps first (a compiled model compiles in the first one or two)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                   help='after timing, profile this many steps of each configuration and print where the time goes '
+                        '(GEMMs with their FLOP rate, attention, the largest other ops); not with --compare')
     p.add_argument('--malloc', default='keep', choices=['keep', 'default'],
                    help="'keep': glibc keeps freed memory (util.perf.keep_freed_memory, what training does on CPU); "
                         "'default': glibc's defaults. A process-wide setting, so not a --compare key")
@@ -329,6 +334,49 @@ def utilisation(bench):
                 peak_tflops=round(peak, 3), mfu=round(achieved / peak, 4))
 
 
+GEMM_OPS = ('aten::mm', 'aten::addmm')  # every Linear, forward and backward
+ATTENTION_OPS = ('aten::bmm', 'aten::baddbmm')  # with the SDPA kernels: attention in its fused or explicit form
+
+
+def is_attention(op):
+    return op in ATTENTION_OPS or 'scaled_dot_product' in op or 'flash_attention' in op or 'efficient_attention' in op
+
+
+def profile_breakdown(bench, steps):
+    """Where a step's time goes, from torch's profiler over `steps` steps (self times per op, per step): the GEMMs
+    with their FLOPs and rate, attention (SDPA kernels and batched matmuls; FLOPs of its math form, as
+    `count_flops`), and everything else with its ten largest ops. Profiler overhead (~10 us per op) is in 'other'."""
+    from torch.profiler import ProfilerActivity, profile
+    compiled, bench.net = bench.net, getattr(bench.net, '_orig_mod', bench.net)
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            bench.loss().backward()
+    finally:
+        bench.net = compiled
+        bench.opt.zero_grad(set_to_none=True)
+    flops = {f'aten::{str(k).split(".")[-1]}': v for k, v in counter.get_flop_counts()['Global'].items()}
+    gemm_flops = sum(v for k, v in flops.items() if k in GEMM_OPS)
+    attn_flops = sum(v for k, v in flops.items() if k in ATTENTION_OPS)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            bench.step()
+    ms = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if bench.device.type == 'cuda' else e.self_cpu_time_total
+        ms[e.key] = ms.get(e.key, 0.0) + t / 1e3 / steps
+    gemm = sum(v for k, v in ms.items() if k in GEMM_OPS)
+    attn = sum(v for k, v in ms.items() if is_attention(k))
+    other = {k: v for k, v in ms.items() if k not in GEMM_OPS and not is_attention(k)
+             and not k.startswith(('autograd::', 'Optimizer.', 'ProfilerStep'))}
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:10]
+    return dict(config=bench.cfg.spec, profiled_steps=steps, gemm_ms=round(gemm, 1),
+                gemm_gflop=round(gemm_flops / 1e9, 4), gemm_tflops=round(gemm_flops / max(gemm, 1e-9) / 1e9, 4),
+                attention_ms=round(attn, 1), attention_gflop=round(attn_flops / 1e9, 4),
+                other_gflop=round((counter.get_total_flops() - gemm_flops - attn_flops) / 1e9, 4),
+                other_ms=round(sum(other.values()), 1), top_other_ms={k: round(v, 1) for k, v in top})
+
+
 def photo_folder(root, n=64):
     """A stand-in for ImageNet's train/: `n` JPEGs of ImageNet's typical size (about 500 x 375, quality 90) cut from
     scikit-learn's two sample photos (they ship inside the package: no download)."""
@@ -455,6 +503,8 @@ def main(args):
         bench = Bench(make_config(args, spec))
         run([bench], args.steps, args.warmup)
         print(json.dumps(report(bench, args, pipeline)), flush=True)
+        if args.profile:
+            print(json.dumps({'profile': profile_breakdown(bench, args.profile)}), flush=True)
         del bench
 
 

@@ -93,3 +93,18 @@ def test_compile_mode_key_reaches_torch_compile_and_the_result(monkeypatch):
         assert 'compile_mode' in str(e)
     else:
         raise AssertionError('an unknown compile_mode was accepted')
+
+
+def test_profile_breakdown_splits_gemms_attention_and_the_rest():
+    """--profile: the GEMM and attention FLOPs add up to the step's count; GEMMs and attention take time and none of
+    their ops is listed among the others."""
+    bench = benchmark.Bench(_cfg(''))
+    bench.step()
+    p = benchmark.profile_breakdown(bench, 2)
+    total = bench.count_flops() / 1e9
+    assert p['gemm_gflop'] > 0 and p['attention_gflop'] > 0
+    assert abs(p['gemm_gflop'] + p['attention_gflop'] + p['other_gflop'] - total) <= 2e-4
+    assert p['other_gflop'] == 0  # a ViT's patch embedding is a Linear over the flattened patches here
+    assert p['gemm_ms'] > 0 and p['attention_ms'] > 0 and p['other_ms'] > 0
+    assert not any(k in benchmark.GEMM_OPS or benchmark.is_attention(k) for k in p['top_other_ms'])
+    assert benchmark.is_attention('aten::_scaled_dot_product_flash_attention_for_cpu_backward')
