@@ -14,8 +14,9 @@
       --pretrained d2mae_tiny_400e.pth --data_root data/ade/ADEChallengeData2016 --output_dir out/seg_fpn_t
 
 The config is an mmengine python config (seg/configs/); any of its values can be overridden with --cfg_options
-(e.g. `train_cfg.max_iters=1000 optim_wrapper.paramwise_cfg.layer_decay_rate=0.8`). Rerunning with --resume
-continues from the output folder's last checkpoint. Evaluation (mIoU, mAcc, aAcc) runs every `val_interval`
+(e.g. `train_cfg.max_iters=1000 optim_wrapper.paramwise_cfg.layer_decay_rate=0.8`). Rerunning the same command
+continues from the output folder's last checkpoint (saved every `default_hooks.checkpoint.interval` iterations;
+--no-resume starts afresh). Evaluation (mIoU, mAcc, aAcc) runs every `val_interval`
 iterations and at the end; seg/test.py evaluates a saved segmentor.
 
 References: mmsegmentation 1.x tools/train.py (mmengine Runner usage); MAE-Lite / TinyMIM ADE20K recipes.
@@ -55,7 +56,9 @@ def get_args_parser():
                         "the config's (the demo config's empty one means the digits set, written on first use)")
     p.add_argument('--output_dir', default='',
                    help='mmengine work_dir: logs, checkpoints, metrics (default: output_dir/seg/<config name>)')
-    p.add_argument('--resume', action='store_true', help="continue from output_dir's last checkpoint")
+    p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from output_dir's last checkpoint if there is one (the default: rerunning the same "
+                        'command after a kill resumes); --no-resume starts afresh')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (the ADE20K configs' AmpOptimWrapper); default: on with CUDA, off on CPU, "
                         'where mmengine cannot autocast')

@@ -276,3 +276,32 @@ def run_demo(seg_train, seg_test, seg_demo_root, tmp_path):
 
 THRESHOLD_MIOU = 12.0  # measured 20.4 (aAcc 39.7, mAcc 35.8; 22.6 with layer decay 0.75), seed 0; chance ~5
 THRESHOLD_MACC = 20.0  # measured 35.8 (38.2); chance about 10
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_rerunning_the_command_resumes_from_the_last_checkpoint(seg_demo_root, tmp_path, monkeypatch):
+    """2 iterations (checkpoint at 2), then the same command with max_iters 4 in the same folder: the second run
+    loads iter_2.pth and trains iterations 3 and 4 only; --no-resume starts again from iteration 1."""
+    from mmengine.runner.loops import IterBasedTrainLoop
+
+    from seg import train as seg_train
+    done = []
+    run_iter = IterBasedTrainLoop.run_iter
+    monkeypatch.setattr(IterBasedTrainLoop, 'run_iter',
+                        lambda loop, batch: (done.append(loop.iter), run_iter(loop, batch)))
+
+    def run(iters, *flags):
+        done.clear()
+        small_val = [f'{loader}.dataset.indices=2' for loader in ('val_dataloader', 'test_dataloader')]
+        args = seg_train.get_args_parser().parse_args([
+            DEMO, '--data_root', seg_demo_root, '--output_dir', str(tmp_path / 'run'), *flags, '--cfg_options',
+            f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}', 'default_hooks.checkpoint.interval=2',
+            'param_scheduler.0.end=1', 'param_scheduler.1.begin=1', f'param_scheduler.1.end={iters}', *small_val])
+        return seg_train.main(args)[1]
+
+    run(2)
+    assert done == [0, 1] and os.path.isfile(tmp_path / 'run' / 'iter_2.pth')
+    runner = run(4)
+    assert done == [2, 3] and runner.iter == 4
+    run(2, '--no-resume')
+    assert done == [0, 1]

@@ -196,11 +196,7 @@ def main(args):
                           args.ce_keep_ratio, args.head_channels, args.drop_path, **vit_kwargs).to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device != 'cpu'
-                                                          else None)
-    if args.compile:
-        model = torch.compile(model)
+    model = dist.wrap_model(model, args)  # DDP when launched distributed, then torch.compile with --compile
 
     resolve_lr(args)
     args.min_lr = args.lr  # flat "cosine": the step decay lives in set_step_decay
