@@ -108,6 +108,25 @@ def test_skipped_nan_step_stays_out_of_the_epoch_means():
     assert stats['loss'] == pytest.approx((losses[0] + losses[2]) / 2)
 
 
+@pytest.mark.parametrize('accum_iter', [1, 2])
+def test_logged_values_survive_a_step_that_reuses_its_output_buffers(accum_iter):
+    """A CUDA-graph replay (--compile_mode reduce-overhead) writes every step's loss and metrics into the same
+    buffers; the epoch means must still be those of each step's own values, with and without accumulation."""
+    model, optimizer, _ = _setup()
+    loss_buf, aux_buf, losses, auxes = torch.zeros(()), torch.zeros(()), [], []
+
+    def step(m, x, t):
+        loss = loss_buf.detach_().copy_((m(x) ** 2).mean())  # the returned loss is always the same storage
+        aux_buf.copy_(x.sum())
+        losses.append(loss.item())
+        auxes.append(aux_buf.item())
+        return loss, {'aux': aux_buf}
+
+    stats = train_one_epoch(model, step, _loader([False] * 4), optimizer, 0, _args(accum_iter=accum_iter))
+    assert len(set(losses)) == 4 and len(set(auxes)) == 4
+    assert stats['loss'] == pytest.approx(sum(losses) / 4) and stats['aux'] == pytest.approx(sum(auxes) / 4)
+
+
 def test_unreadable_batch_under_ddp_replays_the_last_batch_at_zero_weight(monkeypatch):
     """Under DDP an all-unreadable batch still runs forward and backward (the other ranks' all-reduce waits for it),
     on the last readable batch with zero weight: it is not logged, and a first batch with nothing readable is an

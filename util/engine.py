@@ -124,7 +124,9 @@ def train_one_epoch(model, step_fn, loader, optimizer, epoch, args, scaler=None,
                 loss, metrics = step_fn(model, images, targets)
             (scaler.scale(loss * (weight / accum)) if scaler else loss * (weight / accum)).backward()
         if weight:
-            pending.append((loss.detach(), metrics))
+            # copies: under CUDA graphs (--compile_mode reduce-overhead) the next replay overwrites the step's outputs
+            pending.append((loss.detach().clone(), {k: v.detach().clone() if torch.is_tensor(v) else v
+                                                    for k, v in metrics.items()}))
         if not last_micro_step:
             continue
         if scaler:
