@@ -201,6 +201,40 @@ def test_checkpoint_round_trips_through_the_shared_loader(tmp_path):
     assert of[id(params['pos_embed'])]['weight_decay'] == 0.0
 
 
+def test_loaded_classifier_is_the_mae_encoder_plus_one_pooling(tmp_path):
+    """After the shared loader, the classifier computes the MAE encoder's function on an unmasked image: the stages
+    before its extra pooling give the MAE's per-unit outputs bit for bit, and its last stage equals the MAE encoder
+    run with that pooling (a max over the q stride, no weights) switched on at the same block."""
+    torch.manual_seed(0)
+    mae = models_hiera.mae_hiera_test().eval()
+    for p in mae.parameters():  # a trained-looking encoder, not timm's near-zero init
+        p.data.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / 'ckpt.pth')
+    torch.save({'model': mae.state_dict()}, path)
+    ft = models_hiera.hiera_test().eval()
+    load_pretrained(ft, path)
+    imgs = torch.randn(2, 3, 32, 32)
+    keep = torch.ones(2, mae.num_units, dtype=torch.bool)
+    with torch.no_grad():
+        want, _ = models_hiera.encode(mae, imgs, keep)  # every stage, [N, 16 units, u, u, C]
+        x = ft.unroll(ft._pos_embed(ft.patch_embed(imgs)))  # [N, L, C], unrolled
+        for i, blk in enumerate(ft.blocks[:ft.stage_ends[-2] + 1]):
+            x = blk(x)
+            if i in ft.stage_ends:
+                s = ft.stage_ends.index(i)
+                got = ft.reroll(x, i)  # [N, H_s, W_s, C], spatial
+                u = want[s].shape[2]
+                got = got.view(2, 4, u, 4, u, -1).transpose(2, 3).reshape(want[s].shape)  # [N, 16, u, u, C]
+                torch.testing.assert_close(got, want[s], rtol=0, atol=0)
+        pooled = mae.blocks[ft.stage_ends[-2] + 1]
+        assert pooled.attn.q_stride == 1 and ft.blocks[ft.stage_ends[-2] + 1].attn.q_stride == 4
+        pooled.attn.q_stride = 4
+        y = mae.unroll(mae._pos_embed(mae.patch_embed(imgs)))
+        for blk in mae.blocks:
+            y = blk(y)
+        torch.testing.assert_close(ft.forward_features(imgs), y, rtol=0, atol=0)
+
+
 def test_distiller_teacher_sees_the_visible_units_only_and_gets_no_gradient():
     """D-MAE on Hiera: the teacher's patch embedding is given the student's keep mask and its blocks the visible
     tokens only, so noise in the removed units leaves its last-block input unchanged (noise in a visible unit does
