@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import models_vit
 from track import data as tdata
 from track import ope
 from track.model import (build_tracker, centre_tokens, eliminate_candidates, gaussian_heatmap,
@@ -386,3 +387,79 @@ def test_torchrun_two_ranks_train_identically_and_rank0_evaluates(demo_sequences
     assert {float(state['step']) for state in ckpt['optimizer']['state'].values()} == {4.0}
     rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.txt')]
     assert len(rows) == 1 and 0 <= rows[0]['test_auc'] <= 100
+
+
+def ostrack_center_head(sd, feat):
+    """OSTrack's CenterPredictor in eval mode, read by key name from an exported state dict (lib/models/layers/head.py:
+    conv1-4 = Conv2d + BatchNorm2d + ReLU, conv5 = 1x1 Conv2d; score and size through a clamped sigmoid)."""
+    def branch(name):
+        x = feat
+        for i in range(1, 5):
+            p = f'box_head.conv{i}_{name}.'
+            x = torch.nn.functional.conv2d(x, sd[p + '0.weight'], sd[p + '0.bias'], padding=1)
+            x = torch.nn.functional.batch_norm(x, sd[p + '1.running_mean'], sd[p + '1.running_var'], sd[p + '1.weight'],
+                                               sd[p + '1.bias'], False, 0.0, 1e-5).relu()
+        return torch.nn.functional.conv2d(x, sd[f'box_head.conv5_{name}.weight'], sd[f'box_head.conv5_{name}.bias'])
+
+    def squash(t):
+        return t.sigmoid().clamp(1e-4, 1 - 1e-4)
+
+    return squash(branch('ctr')), branch('offset'), squash(branch('size'))
+
+
+def test_ostrack_export_has_ostracks_keys_and_gives_the_same_boxes(tmp_path):
+    """The exported checkpoint has exactly the keys OSTrack's network holds (hand-written list: VisionTransformerCE +
+    CenterPredictor), and OSTrack's forward without candidate elimination, computed from the exported tensors by
+    their names, gives our score, offset and size maps. A pre-trained encoder is refused, naming what is missing."""
+    from track import export_ostrack
+    torch.manual_seed(0)
+    model = ostrack_test().eval()
+    for m in model.modules():  # BatchNorm statistics that matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / 'checkpoint-last.pth'
+    torch.save({'model': model.state_dict(), 'epoch': 3}, path)
+    export_ostrack.main(export_ostrack.get_args_parser().parse_args([str(path), str(tmp_path / 'ostrack.pth')]))
+    sd = torch.load(tmp_path / 'ostrack.pth', weights_only=True)['net']
+
+    dim, depth = model.embed_dim, len(model.blocks)
+    block = ('norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
+             'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias')
+    bn = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+    want = {'backbone.cls_token', 'backbone.pos_embed', 'backbone.pos_embed_z', 'backbone.pos_embed_x',
+            'backbone.patch_embed.proj.weight', 'backbone.patch_embed.proj.bias', 'backbone.norm.weight',
+            'backbone.norm.bias'}
+    want |= {f'backbone.blocks.{i}.{k}' for i in range(depth) for k in block}
+    for b in ('ctr', 'offset', 'size'):
+        want |= {f'box_head.conv{i}_{b}.0.{k}' for i in range(1, 5) for k in ('weight', 'bias')}
+        want |= {f'box_head.conv{i}_{b}.1.{k}' for i in range(1, 5) for k in bn}
+        want |= {f'box_head.conv5_{b}.weight', f'box_head.conv5_{b}.bias'}
+    assert set(sd) == want
+    assert sd['backbone.pos_embed'].shape == (1, (224 // 4) ** 2 + 1, dim)
+    assert sd['box_head.conv5_offset.weight'].shape[0] == 2 and sd['box_head.conv1_ctr.0.weight'].shape[1] == dim
+
+    # OSTrack's tracking forward: template and search embedded with their own position tables, concatenated
+    # (template first), the blocks, the norm; the search tokens as a map into the head. The backbone tensors go
+    # through a timm-named ViT loaded strictly (OSTrack's ViT has timm's names).
+    vit = models_vit.create_model('vit_test', num_classes=0, global_pool='token', patch_size=4, img_size=224)
+    vit.load_state_dict({k[len('backbone.'):]: v for k, v in sd.items()
+                         if k.startswith('backbone.') and not k.startswith('backbone.pos_embed_')}, strict=True)
+    vit.eval()
+    z, x = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model(z, x, keep_ratio=1.0)
+        t = torch.cat([vit.patch_embed(z) + sd['backbone.pos_embed_z'],
+                       vit.patch_embed(x) + sd['backbone.pos_embed_x']], dim=1)
+        for blk in vit.blocks:
+            t = blk(t)
+        search = vit.norm(t)[:, sd['backbone.pos_embed_z'].shape[1]:]  # [N, 64, D]
+        score, offset, size = ostrack_center_head(sd, search.transpose(1, 2).reshape(2, dim, 8, 8))
+    torch.testing.assert_close(score, ours['score_map'])
+    torch.testing.assert_close(offset, ours['offset_map'])
+    torch.testing.assert_close(size, ours['size_map'], atol=1e-4, rtol=0)  # OSTrack also clamps the size to 1e-4
+
+    vit_ckpt = tmp_path / 'encoder.pth'
+    torch.save({'model': vit.state_dict()}, vit_ckpt)
+    with pytest.raises(ValueError, match='pos_embed_x'):
+        export_ostrack.convert(str(vit_ckpt))
