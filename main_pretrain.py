@@ -53,12 +53,28 @@ DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=224, batch_size=64, epo
 DEMO_DEFAULTS = dict(model='mae_vit_demo_patch4', input_size=32, batch_size=64, epochs=20, warmup_epochs=2,
                      blr=1.5e-3)
 # Swin pre-training (models_swin.py, SPEC §4): UM-MAE Swin-T 200 epochs at 256 px (window 8 on the packed map);
-# SimMIM Swin-T at its paper's 192 px (window 6), masking 60% of the 32-px blocks. The demo keeps DEMO_DEFAULTS.
-# SimMIM's optimiser (MAE-Lite's light-Swin row of SPEC §4): blr 4e-4 per 2048 images, betas (0.9, 0.99), gradient
-# clipping at 5, and milder crops (scale 0.67-1). UM-MAE on PVT (mae_pvt_*) takes the mae_swin row.
+# SimMIM masking 60% of the 32-px blocks at the factory's own size (the number its name ends in: 192 for
+# simmim_swin_tiny, 224 for the light Swin and the D² teacher, 256; their windows divide their maps), 100 epochs
+# (SimMIM's Swin-T), 400 for MAE-Lite's light Swin. The demo keeps DEMO_DEFAULTS. SimMIM's optimiser (MAE-Lite's
+# light-Swin row of SPEC §4): blr 4e-4 per 2048 images, betas (0.9, 0.99), gradient clipping at 5, and milder crops
+# (scale 0.67-1). UM-MAE on PVT (mae_pvt_*) takes the mae_swin row.
 SWIN_DEFAULTS = {'mae_swin': dict(input_size=256, epochs=200, warmup_epochs=10),
                  'simmim_swin': dict(input_size=192, epochs=100, warmup_epochs=10, blr=4e-4 / 8, beta2=0.99,
                                      clip_grad=5.0, min_crop_scale=0.67)}
+
+
+def swin_defaults(model):
+    """SWIN_DEFAULTS for a pyramid pre-training model; a SimMIM Swin gets its factory's input size and, for the light
+    Swin, MAE-Lite's 400 epochs."""
+    preset = dict(SWIN_DEFAULTS[model.split('_')[0] + '_swin'])
+    name = models_swin.ALIASES.get(model, model)
+    if name.startswith('simmim_swin'):
+        size = name.rsplit('_', 1)[-1]
+        if size.isdigit():
+            preset['input_size'] = int(size)
+        if '_light' in name:
+            preset['epochs'] = 400
+    return preset
 
 
 def get_args_parser():
@@ -106,7 +122,7 @@ def main(args):
         if args.mask_ratio is None and args.model.startswith('simmim'):
             args.mask_ratio = 0.6
         if args.data_path:
-            fill_defaults(args, SWIN_DEFAULTS[args.model.split('_')[0] + '_swin'])
+            fill_defaults(args, swin_defaults(args.model))
         if args.shared_mask or args.mask_type != 'random':
             raise ValueError(f'{args.model} masks its own way: --shared_mask and --mask_type are for mae_vit_*')
     elif args.shared_mask and args.mask_type == 'uniform':

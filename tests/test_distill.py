@@ -165,3 +165,35 @@ def test_main_distill_demo_falls_resumes_and_exports(method, demo_dir, tmp_path)
     vit.load_state_dict(enc, strict=True)  # D²: block 13 gone, depth 2 as the plain ViT
     assert torch.equal(vit.blocks[0].attn.qkv.weight, ckpt['model']['model.blocks.0.attn.qkv.weight'])
     load_pretrained(models_vit.vit_test(), os.path.join(out, 'checkpoint-encoder.pth'))  # the downstream path
+
+
+def test_real_data_recipe_defaults_per_method(tmp_path, image_folder_factory, monkeypatch):
+    """With --data_path, TinyMIM takes SPEC's 300 epochs / 15 warmup (drop path 0.1, crop 0.2) and D² on Swin the
+    SimMIM light-Swin row (400 epochs, 10 warmup, blr 4e-4 per 2048, AdamW betas (0.9, 0.99), clip 5, crop 0.67);
+    D-MAE keeps the MAE row; an explicit flag still wins."""
+    seen = {}
+
+    def fake_epoch(model, step, loader, optimizer, epoch, args, *a, **k):
+        seen.update(args=args, betas=optimizer.param_groups[0]['betas'])
+        return {}
+
+    monkeypatch.setattr(main_distill, 'train_one_epoch', fake_epoch)
+    monkeypatch.setattr(main_distill, 'end_epoch', lambda *a, **k: None)
+    data = image_folder_factory(tmp_path / 'data', n_per_class=2)
+
+    def run(*argv):
+        seen.clear()
+        main_distill.main(main_distill.get_args_parser().parse_args([
+            '--data_path', str(data), '--output_dir', '', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu',
+            '--input_size', '32', *argv]))
+        a = seen['args']
+        return (a.epochs, a.warmup_epochs, a.blr, a.clip_grad, a.min_crop_scale, seen['betas'][1])
+
+    assert run('--method', 'tinymim', '--model', 'vit_test', '--teacher_model', 'vit_test') == \
+        (300, 15, 1.5e-4, None, 0.2, 0.95)
+    assert run('--method', 'd2_swin', '--model', 'simmim_swin_demo_d2', '--teacher_model',
+               'simmim_swin_demo_teacher') == (400, 10, 4e-4 / 8, 5.0, 0.67, 0.99)
+    assert run('--method', 'd_mae', '--model', 'mae_vit_test', '--teacher_model', 'vit_test') == \
+        (400, 40, 1.5e-4, None, 0.08, 0.95)
+    assert run('--method', 'd2_swin', '--model', 'simmim_swin_demo_d2', '--teacher_model', 'simmim_swin_demo_teacher',
+               '--epochs', '3', '--beta2', '0.9')[::5] == (3, 0.9)

@@ -186,3 +186,22 @@ def test_simmim_gets_its_optimiser_and_crop_defaults(tmp_path, image_folder_fact
     assert (args.beta2, args.clip_grad, args.min_crop_scale, args.mask_ratio) == (0.95, None, 0.08, 0.75)
     args, _ = run('--model', 'simmim_swin_test', '--input_size', '64', '--beta2', '0.9', '--min_crop_scale', '0.3')
     assert (args.beta2, args.min_crop_scale) == (0.9, 0.3)
+
+
+def test_swin_presets_use_each_factorys_own_input_size():
+    """On real data a SimMIM Swin pre-trains at its factory's size: the 224-px light Swin and D² teacher (window 7)
+    cannot split a 192-px input's maps into windows, so a single 192 preset made them fail. Every pyramid factory
+    builds at its preset size; the light Swin takes MAE-Lite's 400 epochs."""
+    import models_swin
+    for name in [*models_swin.ALIASES, 'simmim_swin_tiny_patch4_window8_256']:
+        if not name.startswith(('simmim_swin', 'mae_swin')):
+            continue
+        preset = main_pretrain.swin_defaults(name)
+        with torch.device('meta'):  # shapes only: fast
+            model = models_swin.create_model(name, img_size=preset['input_size'])
+        assert model.patch_embed.grid_size[0] * model.patch_embed.patch_size == preset['input_size'], name
+    assert main_pretrain.swin_defaults('simmim_swin_light')['input_size'] == 224
+    assert main_pretrain.swin_defaults('simmim_swin_tiny')['input_size'] == 192
+    assert main_pretrain.swin_defaults('simmim_swin_light')['epochs'] == 400
+    assert main_pretrain.swin_defaults('simmim_swin_tiny')['epochs'] == 100
+    assert main_pretrain.swin_defaults('mae_pvt_small')['input_size'] == 256

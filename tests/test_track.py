@@ -1,6 +1,7 @@
 """track/: OPE metrics by hand, candidate elimination, crop round trips, inference map-back, and a short demo training
 that must track the moving digit far better than standing still."""
 import json
+import math
 import os
 
 import numpy as np
@@ -227,10 +228,11 @@ def test_tracker_maps_the_peak_back_to_the_image():
     reports the box centred at ((5.5/8) * 64 px of crop) mapped back through the search crop's transform."""
     class Stub(torch.nn.Module):
         template_size, search_size, grid_x = 16, 64, (8, 8)
+        background, peak = 0.1, (2, 5)
 
         def forward(self, z, x, keep_ratio=None):
-            score = torch.full((1, 1, 8, 8), 0.1)
-            score[0, 0, 2, 5] = 0.9
+            score = torch.full((1, 1, 8, 8), self.background)
+            score[0, 0][self.peak] = 0.9
             return dict(score_map=score, offset_map=torch.full((1, 2, 8, 8), 0.5),
                         size_map=torch.full((1, 2, 8, 8), 0.25))
 
@@ -241,8 +243,16 @@ def test_tracker_maps_the_peak_back_to_the_image():
     box = tracker.track(img)
     cx, cy, w = 60 + 5.5 / 8 * 80, 60 + 2.5 / 8 * 80, 0.25 * 80
     np.testing.assert_allclose(box, [cx - w / 2, cy - w / 2, w, w], atol=1e-4)
-    # the Hanning window pulls a far-off, slightly higher peak back to the centre
-    assert tracker.window[0, 0, 0, 0] == 0 and tracker.window[0, 0, 3:5, 3:5].min() > 0.8
+    # OSTrack's Hanning window, 0.5 (1 - cos(2 pi k / 9)) for k = 1..8 per axis: highest in the centre, positive on
+    # the border, so a target in a border cell is still found
+    k = torch.arange(1, 9, dtype=torch.float64)
+    hann = 0.5 * (1 - torch.cos(2 * math.pi * k / 9))
+    torch.testing.assert_close(tracker.window[0, 0].double(), torch.outer(hann, hann), atol=1e-6, rtol=0)
+    assert tracker.window[0, 0, 0, 0] > 0 and tracker.window[0, 0, 3:5, 3:5].min() > 0.8
+    tracker.model.background, tracker.model.peak = 0.0, (0, 7)
+    tracker.initialize(img, box0)
+    box = tracker.track(img)  # the only peak sits in the top-right corner cell
+    np.testing.assert_allclose(box[:2] + box[2:] / 2, [60 + 7.5 / 8 * 80, 60 + 0.5 / 8 * 80], atol=1e-4)
     np.testing.assert_allclose(clip_box(np.array([-50.0, 10, 20, 20]), 100, 100), [0, 10, 10, 20])
     np.testing.assert_allclose(clip_box(np.array([-50.0, -60, 400, 300]), 100, 80), [0, 0, 100, 80])
 

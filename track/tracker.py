@@ -24,8 +24,10 @@ class Tracker:
         self.template_factor, self.search_factor = template_factor, search_factor
         self.keep_ratio = keep_ratio  # None = the model's own ce_keep_ratio
         h, w = model.grid_x
-        # outer product of 1-D Hann windows over the score-map grid: favours small displacements from the last box
-        hann = torch.outer(torch.hann_window(h, periodic=False), torch.hann_window(w, periodic=False))
+        # outer product of 1-D Hann windows over the score-map grid: favours small displacements from the last box.
+        # OSTrack's (pytracking's) window, 0.5 (1 - cos(2 pi k / (n + 1))) for k = 1..n, is the interior of an n + 2
+        # point window: positive on the border cells, so a target there can still be found
+        hann = torch.outer(*(torch.hann_window(n + 2, periodic=False)[1:-1] for n in (h, w)))
         self.window = hann.to(device).view(1, 1, h, w) if window else None
         self.template = self.box = None
 
