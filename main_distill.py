@@ -235,9 +235,7 @@ class RelationDistiller(nn.Module):
     def __init__(self, student, teacher, teacher_block):
         super().__init__()
         last = student.blocks[-1]
-        if last.attn.num_heads != teacher.num_heads:
-            d = student.embed_dim
-            last.attn = models_vit.Attention(d, teacher.num_heads, head_dim=d // teacher.num_heads)
+        models_vit.set_block_heads(student, [(len(student.blocks) - 1, teacher.num_heads)])
         attention_only(last)
         student.norm = nn.Identity()  # unused by the loss: would ship untrained
         self.model = student
@@ -400,12 +398,18 @@ def export_encoder(args, student):
     vit = models_vit.VisionTransformer(img_size=args.input_size, patch_size=student.patch_embed.patch_size[0],
                                        embed_dim=student.embed_dim, depth=depth, num_heads=student.num_heads,
                                        num_classes=0)
+    # TinyMIM's last block has the teacher's head count: the export says so, and util/pretrained.load_pretrained
+    # rebuilds that block with it before loading (SPEC §3.3: fine-tune with the pre-trained head count)
+    block_heads = [[i, student.blocks[i].attn.num_heads] for i in range(depth)
+                   if student.blocks[i].attn.num_heads != student.num_heads]
+    models_vit.set_block_heads(vit, block_heads)
     sd = {k: v for k, v in student.state_dict().items() if k in vit.state_dict()
           and v.shape == vit.state_dict()[k].shape}
     if args.method == 'd2_mae':
         sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
     vit.load_state_dict(sd, strict=False)
-    atomic_save({'model': vit.state_dict(), 'args': {'method': args.method, 'model': args.model}},
+    atomic_save({'model': vit.state_dict(), 'args': {'method': args.method, 'model': args.model,
+                                                     'block_heads': block_heads}},
                 os.path.join(args.output_dir, 'checkpoint-encoder.pth'))
 
 

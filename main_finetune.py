@@ -80,7 +80,7 @@ from util.evaluate import evaluate
 from util.logger import make_tb_writer, setup_logging
 from util.lr_decay import param_groups_lrd
 from util.optim import adamw
-from util.pretrained import load_pretrained, strip_prefixes, unwrap_state_dict
+from util.pretrained import apply_block_heads, block_heads_of, load_pretrained, strip_prefixes, unwrap_state_dict
 from util.rng import seed_everything
 
 log = logging.getLogger('mim')
@@ -331,13 +331,18 @@ def main(args):
                                         distilled=distilled, **rpe)
     start_from = resume_path(args)
     if args.finetune and not args.eval and not start_from:
-        load_pretrained(model, args.finetune)
+        info = load_pretrained(model, args.finetune)
+        args.block_heads = [list(p) for p in block_heads_of(info['source'])]  # kept in this run's checkpoints
         head = model.get_classifier() if hasattr(model, 'get_classifier') else model.head  # Swin: head.fc
         for h in (head, getattr(model, 'head_dist', None) or head):  # DeiT's distillation head too
             trunc_normal_(h.weight, std=2e-5)  # official MAE: a near-zero head, whatever the checkpoint held
             torch.nn.init.zeros_(h.bias)
-    elif args.finetune and start_from and not args.eval:
-        log.info(f'resuming from {start_from}: --finetune {args.finetune} is superseded')
+    elif start_from and not args.eval:
+        if args.finetune:
+            log.info(f'resuming from {start_from}: --finetune {args.finetune} is superseded')
+        last = load_file(start_from)  # a fine-tune of a TinyMIM student: its blocks' head counts before the load
+        apply_block_heads(model, last)
+        args.block_heads = [list(p) for p in block_heads_of(last)]
     model.to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias and not qv_bias)
         self.q_bias = nn.Parameter(torch.zeros(inner)) if qv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(inner)) if qv_bias else None
+        self.rel_pos_grid = rel_pos_grid
         if rel_pos_grid is not None:
             index = relative_position_index(*rel_pos_grid)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(int(index.max()) + 1, num_heads))
@@ -81,6 +82,24 @@ class Attention(nn.Module):
         if index.shape[0] != L:
             raise ValueError(f'relative position bias built for {index.shape[0]} tokens, input has {L}')
         return self.relative_position_bias_table[index.view(-1)].view(L, L, -1).permute(2, 0, 1)
+
+
+def set_block_heads(model, block_heads):
+    """Give blocks their own head count: block_heads is [(block index, heads), ...] (TinyMIM's last block takes the
+    teacher's). The block's attention is rebuilt with head dim = width // heads, as main_distill builds it, and the
+    same options (fresh weights: load a checkpoint afterwards). Returns the pairs that changed something."""
+    changed = []
+    for i, heads in block_heads:
+        old = model.blocks[i].attn
+        if old.num_heads == heads:
+            continue
+        dim = old.proj.out_features
+        model.blocks[i].attn = Attention(dim, heads, qkv_bias=old.qkv.bias is not None or old.q_bias is not None,
+                                         attn_drop=old.attn_drop, proj_drop=old.proj_drop.p, head_dim=dim // heads,
+                                         qv_bias=old.q_bias is not None,
+                                         rel_pos_grid=old.rel_pos_grid).to(old.proj.weight.device)
+        changed.append((i, heads))
+    return changed
 
 
 def relative_position_index(h, w):

@@ -1,5 +1,6 @@
 """Distillation (SPEC §3): the teacher sees the student's visible patches, D² gradient routing, TinyMIM relations,
 exports that load downstream, and a short real run through main()."""
+import argparse
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import main_distill
+import main_finetune
 import masking
 import models_mae
 import models_vit
@@ -197,3 +199,40 @@ def test_real_data_recipe_defaults_per_method(tmp_path, image_folder_factory, mo
         (400, 40, 1.5e-4, None, 0.08, 0.95)
     assert run('--method', 'd2_swin', '--model', 'simmim_swin_demo_d2', '--teacher_model', 'simmim_swin_demo_teacher',
                '--epochs', '3', '--beta2', '0.9')[::5] == (3, 0.9)
+
+
+def test_tinymim_student_is_fine_tuned_with_its_pre_trained_head_count(tmp_path):
+    """SPEC §3.3: the student's last block has the teacher's head count (here 3 heads of 10 dims in a 32-d, 2-head
+    ViT), and fine-tuning must use it. The export records it; the shared loader rebuilds that block before loading
+    (its [90, 32] qkv was silently dropped before), so the loaded block computes the distilled relations; a
+    main_finetune run from the export, its resumption and --eval all build the same block."""
+    from test_finetune import make_image_folder, read_log, tiny
+    torch.manual_seed(0)
+    student = models_vit.vit_test(num_classes=0)
+    d = RelationDistiller(student, teacher(depth=3), teacher_block=2)
+    out = tmp_path / 'distill'
+    os.makedirs(out)
+    main_distill.export_encoder(argparse.Namespace(output_dir=str(out), method='tinymim', model='vit_test',
+                                                   input_size=32), d.model)
+    enc = str(out / 'checkpoint-encoder.pth')
+    assert torch.load(enc, weights_only=True)['args']['block_heads'] == [[1, 3]]
+    ft = models_vit.vit_test(num_classes=10)
+    info = load_pretrained(ft, enc)
+    assert [b.attn.num_heads for b in ft.blocks] == [2, 3] and not info['mismatched']
+    torch.testing.assert_close(ft.blocks[1].attn.qkv.weight, student.blocks[1].attn.qkv.weight)
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        for got, want in zip(relations(ft.blocks[1], x), relations(student.blocks[1], x)):
+            torch.testing.assert_close(got, want)
+
+    root = make_image_folder(tmp_path / 'data', n_per_class=4)
+    make_image_folder(tmp_path / 'v', n_per_class=2, seed=1)
+    os.rename(tmp_path / 'v' / 'train', os.path.join(root, 'val'))
+    run = tmp_path / 'ft'
+    main_finetune.main(tiny(root, run, '--finetune', enc, '--epochs', '1'))
+    main_finetune.main(tiny(root, run, '--finetune', enc, '--epochs', '2'))  # resumes: strict load of a [90, 32] qkv
+    last = torch.load(run / 'checkpoint-last.pth', weights_only=True)
+    assert [r['epoch'] for r in read_log(run)] == [0, 1] and last['args']['block_heads'] == [[1, 3]]
+    assert last['model']['blocks.1.attn.qkv.weight'].shape == (90, 32)
+    ev = main_finetune.main(tiny(root, tmp_path / 'ev', '--eval', '--resume', str(run / 'checkpoint-last.pth')))
+    assert 0.0 <= ev['acc1'] <= 100.0

@@ -11,6 +11,7 @@ import re
 import torch
 from timm.layers import trunc_normal_
 
+import models_vit
 from util.checkpoint import load_file
 from util.pos_embed import interpolate_pos_embed
 
@@ -182,6 +183,22 @@ def fit_pos_embed(pos, target, model):
                                  num_prefix)
 
 
+def block_heads_of(raw):
+    """The per-block head counts a checkpoint was trained with ([(block, heads), ...] from its args: TinyMIM's
+    export, or a fine-tune of one), or []."""
+    args = raw.get('args') if isinstance(raw, dict) else None
+    return [tuple(p) for p in args.get('block_heads') or []] if isinstance(args, dict) else []
+
+
+def apply_block_heads(model, raw):
+    """Rebuild `model`'s blocks whose head count the checkpoint `raw` says differs (a ViT with `blocks` of
+    models_vit Attention); returns the (block, heads) pairs changed."""
+    heads = block_heads_of(raw)
+    if not heads or not hasattr(model, 'blocks'):
+        return []
+    return models_vit.set_block_heads(model, heads)
+
+
 def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False):
     """Load pre-trained weights of any supported layout into `model` (a ViT/MAE of this repo).
 
@@ -192,7 +209,9 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
     """
     name = path_or_state if isinstance(path_or_state, str) else '<state dict>'
     raw = load_file(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    changed = apply_block_heads(model, raw)
     sd, notes = prepare_state_dict(unwrap_state_dict(raw), model, keep_decoder)
+    notes += [f'block {i} rebuilt with {h} heads, as pre-trained' for i, h in changed]
     target = model.state_dict()
     mismatched = [k for k in sd if k in target and sd[k].shape != target[k].shape]
     for k in mismatched:
