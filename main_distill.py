@@ -459,6 +459,9 @@ def main(args):
         t_hidden = args.teacher_hidden_idx or [teacher.depth] * len(args.distill_hidden_idx)
         decode_idx = None
         if args.method == 'd2_mae':
+            if args.distill_attn_idx != [-1] or args.teacher_attn_idx != [-1]:
+                raise ValueError('d2_mae distils its extra last block onto the teacher\'s last block: '
+                                 '--distill_attn_idx / --teacher_attn_idx do not apply (use d_mae to choose blocks)')
             decode_idx = args.decode_idx or (8 if depth == 13 else (depth - 1) * 2 // 3)
             attn = [(depth - 1, teacher.depth - 1)]  # D²: the attention-only extra block is what is distilled
         model = MAEDistiller(student, teacher, attn, list(zip(args.distill_hidden_idx, t_hidden)), args.alpha,

@@ -6,8 +6,8 @@
   # MAE-Lite ViT-Tiny on ImageNet-1k, improved recipe (300 epochs), 8 GPUs (effective batch 1024 = 128 x 8)
   torchrun --nproc_per_node 8 main_finetune.py --model vit_tiny_patch16 --finetune mae_tiny_400e.pth \
       --data_path /data/imagenet --output_dir out/ft_tiny
-  # ... with MAE-Lite's relative position bias (their RPE runs use 1000 epochs)
-  ... --rpe --epochs 1000
+  # ... with MAE-Lite's relative position bias (their RPE row: 1000 epochs, the default with --rpe)
+  ... --rpe
   # official MAE ViT-B recipe (100 epochs, layer decay 0.65, mixup/cutmix, random erasing, label smoothing)
   torchrun --nproc_per_node 8 main_finetune.py --recipe fb --model vit_base_patch16 \
       --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --output_dir out/ft_base
@@ -138,7 +138,7 @@ def get_args_parser():
                    help='avg: mean of patch tokens + fc_norm (official MAE fine-tuning); token: cls after norm')
     g.add_argument('--rpe', action='store_true',
                    help='MAE-Lite RPE model: BEiT-style relative position bias per block and separate q/v biases '
-                        '(a checkpoint\'s qkv bias is split into them)')
+                        '(a checkpoint\'s qkv bias is split into them); with the ml_improved recipe, 1000 epochs')
     g.add_argument('--drop_path', type=float, default=None, help='stochastic depth rate (default: the recipe\'s)')
     g.add_argument('--nb_classes', type=int, default=None, help='head size (default: the dataset\'s class count)')
     g.add_argument('--model_ema', action='store_true', help='keep an EMA of the weights and report its accuracy too '
@@ -277,6 +277,8 @@ def set_recipe_defaults(args):
     recipe = {**COMMON, **RECIPES[args.recipe]}
     if args.blr is not None:  # an explicit --blr beats a recipe's absolute lr (transfer)
         recipe.pop('lr', None)
+    if args.rpe and args.recipe == 'ml_improved':  # MAE-Lite's RPE row: the improved recipe for 1000 epochs
+        recipe['epochs'] = 1000
     fill_defaults(args, recipe, DEMO_DEFAULTS)
     if args.dataset is None:
         args.dataset = 'folder' if args.data_path else 'demo'

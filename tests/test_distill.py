@@ -176,7 +176,7 @@ def test_real_data_recipe_defaults_per_method(tmp_path, image_folder_factory, mo
     seen = {}
 
     def fake_epoch(model, step, loader, optimizer, epoch, args, *a, **k):
-        seen.update(args=args, betas=optimizer.param_groups[0]['betas'])
+        seen.update(args=args, betas=optimizer.param_groups[0]['betas'], model=model)
         return {}
 
     monkeypatch.setattr(main_distill, 'train_one_epoch', fake_epoch)
@@ -199,6 +199,13 @@ def test_real_data_recipe_defaults_per_method(tmp_path, image_folder_factory, mo
         (400, 40, 1.5e-4, None, 0.08, 0.95)
     assert run('--method', 'd2_swin', '--model', 'simmim_swin_demo_d2', '--teacher_model', 'simmim_swin_demo_teacher',
                '--epochs', '3', '--beta2', '0.9')[::5] == (3, 0.9)
+    # D²-MAE: a 13-block student reconstructs from block 8 (MAE-Lite) unless told otherwise; block choices for the
+    # attention target are D-MAE's and are refused rather than ignored
+    run('--method', 'd2_mae', '--model', 'mae_vit_test', '--depth', '13', '--teacher_model', 'vit_test')
+    assert seen['model'].decode_idx == 8
+    with pytest.raises(ValueError, match='--distill_attn_idx'):
+        run('--method', 'd2_mae', '--model', 'mae_vit_test', '--depth', '13', '--teacher_model', 'vit_test',
+            '--distill_attn_idx', '5')
 
 
 def test_tinymim_student_is_fine_tuned_with_its_pre_trained_head_count(tmp_path):

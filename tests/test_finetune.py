@@ -154,6 +154,10 @@ def test_recipe_presets_and_overrides():
     assert (a.aa, a.warmup_epochs, a.weight_decay, a.opt, a.batch_size) == \
         ('rand-m10-mstd0.5-inc1', 5, 0.05, 'adamw', 128)
 
+    a = main_finetune.set_recipe_defaults(finetune_args('--rpe', '--data_path', '/x'))  # MAE-Lite's RPE row
+    assert (a.epochs, a.blr, a.layer_decay) == (1000, 1e-3, 0.85)
+    assert main_finetune.set_recipe_defaults(finetune_args('--rpe', '--epochs', '7', '--data_path', '/x')).epochs == 7
+
     a = main_finetune.set_recipe_defaults(finetune_args('--recipe', 'transfer', '--data_path', '/x'))
     assert (a.opt, a.lr, a.blr, a.weight_decay, a.clip_grad, a.layer_decay, a.aa, a.mixup, a.epochs) == \
         ('sgd', 0.1, None, 0.0, 1.0, 0.75, 'none', 0.0, 50)

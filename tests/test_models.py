@@ -191,3 +191,29 @@ def test_vit_forward_features_extras_and_layers():
     torch.testing.assert_close(tokens, plain, atol=1e-5, rtol=0)
     assert len(outs) == 1 and outs[0].shape == plain.shape
     assert set(extras) == {1} and extras[1]['logits'].shape == (2, 2, 17, 17)
+
+
+def test_relative_position_index_and_bias_follow_beit():
+    """MAE-Lite's RPE (BEiT's layout), written out by hand for a 2x3 grid: patch (r1, c1) attending to (r2, c2) uses
+    entry (r1 - r2 + 1) * 5 + (c1 - c2 + 2) of the [(2*2-1)(2*3-1) + 3, H] table; the cls query row, the cls key
+    column and cls->cls take entries 15, 16 and 17. The learned bias is added to the logits on both attention paths
+    (SDPA and the explicit one that hands out logits), which must then agree."""
+    h, w = 2, 3
+    index = models_vit.relative_position_index(h, w)
+    assert index.shape == (7, 7)
+    for i in range(h * w):
+        for j in range(h * w):
+            (r1, c1), (r2, c2) = divmod(i, w), divmod(j, w)
+            assert index[1 + i, 1 + j] == (r1 - r2 + h - 1) * (2 * w - 1) + (c1 - c2 + w - 1)
+    assert (index[0, 1:] == 15).all() and (index[1:, 0] == 16).all() and index[0, 0] == 17
+    torch.manual_seed(0)
+    attn = models_vit.Attention(8, num_heads=2, qv_bias=True, rel_pos_grid=(h, w))
+    assert attn.relative_position_bias_table.shape == (18, 2)
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(3, 7, 8)
+    extras = {}
+    explicit = attn(x, extras)
+    torch.testing.assert_close(attn(x), explicit)
+    q, k = extras['q'], extras['k']
+    bias = attn.relative_position_bias_table[index.view(-1)].view(7, 7, 2).permute(2, 0, 1)
+    torch.testing.assert_close(extras['logits'], q @ k.transpose(-2, -1) * attn.scale + bias)
