@@ -95,6 +95,9 @@ def get_args_parser():
                    help='image files or folders (default: --num_images images spread over the val split)')
     g.add_argument('--num_images', type=int, default=8, help='images in the grid (one row each)')
     g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
+    g.add_argument('--decoder_order', default='pqc', choices=['pqc', 'cpq'],
+                   help="pixel order of the checkpoint's decoder head: pqc (official MAE, MAE-Lite, this repo) or "
+                        'cpq (MAE-priv, converted on loading)')
     g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=None,
                    help='whether the model predicts norm-pix targets (default: as saved in the checkpoint\'s args, '
                         'else on). Norm-pix predictions are shown in two modes, "oracle" and "estimated"')
@@ -210,6 +213,10 @@ def load_masked_autoencoder(path, args):
     if saved.get('depth'):
         kwargs['depth'] = saved['depth']  # e.g. a D²-MAE student with its extra block
     model = build_masked_autoencoder(name, **kwargs)
+    if getattr(args, 'decoder_order', 'pqc') == 'cpq':  # MAE-priv: its decoder predicts (c, p, q)-ordered pixels
+        raw = dict(sd)
+        for k in ('decoder_pred.weight', 'decoder_pred.bias'):
+            raw[k] = models_mae.cpq_to_pqc(raw[k], model.patch_size, model.in_chans)
     load_pretrained(model, raw, keep_decoder=True)
     return model.to(args.device).eval(), name
 

@@ -29,6 +29,12 @@ def patchify(imgs, p):
 patchify_eager = torch.compiler.disable(patchify)
 
 
+def cpq_to_pqc(t, p, in_chans=3):
+    """Reorder the per-pixel rows of a decoder head (`decoder_pred.weight` [p*p*C, D] or its bias) from MAE-priv's
+    (c, p, q) patch order to the (p, q, c) order of `patchify` and the official MAE (SPEC §1.2)."""
+    return t.reshape(in_chans, p, p, *t.shape[1:]).permute(1, 2, 0, *range(3, t.dim() + 2)).reshape(t.shape)
+
+
 def unpatchify(x, p, in_chans=3):
     """[N, h*w, p*p*C] -> [N, C, h*p, w*p]; the inverse of `patchify` for a square grid."""
     N, L, _ = x.shape

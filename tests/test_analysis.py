@@ -376,3 +376,26 @@ def test_input_size_and_model_come_from_the_checkpoint():
     assert main_analyze.encoder_name('vit_small', {'model': 'mae_vit_tiny'}, args) == 'vit_small'  # --model wins
     with pytest.raises(ValueError, match='valid names'):
         main_analyze.build_masked_autoencoder('no_such_model')
+
+
+def test_mae_priv_decoder_is_converted_from_cpq(checkpoints, tmp_path):
+    """MAE-priv's decoder predicts (c, p, q)-ordered pixels (SPEC §1.2). A checkpoint whose decoder head is ours
+    with its rows put in that order loads with --decoder_order cpq into the model it came from, weight for weight;
+    read as (p, q, c) it would scramble the reconstruction."""
+    full = torch.load(checkpoints['full'], weights_only=True)
+    p, c = 8, 3  # mae_vit_test
+    w, b = full['model']['decoder_pred.weight'], full['model']['decoder_pred.bias']
+    # (p, q, c) rows -> (c, p, q): row (ci, pi, qi) of the MAE-priv head is our row (pi, qi, ci)
+    perm = torch.arange(p * p * c).view(p, p, c).permute(2, 0, 1).reshape(-1)
+    priv = {**full['model'], 'decoder_pred.weight': w[perm], 'decoder_pred.bias': b[perm]}
+    path = str(tmp_path / 'mae_priv.pth')
+    atomic_save({'model': priv, 'args': full['args']}, path)
+    args = main_analyze.get_args_parser().parse_args(['recon', '--weights', path, '--decoder_order', 'cpq',
+                                                      *common(checkpoints, tmp_path)])
+    args.input_size = 32  # what main() reads from the checkpoint before loading
+    model, _ = main_analyze.load_masked_autoencoder(path, args)
+    torch.testing.assert_close(model.decoder_pred.weight, w, rtol=0, atol=0)
+    torch.testing.assert_close(model.decoder_pred.bias, b, rtol=0, atol=0)
+    args.decoder_order = 'pqc'
+    model, _ = main_analyze.load_masked_autoencoder(path, args)
+    assert not torch.equal(model.decoder_pred.weight, w)
