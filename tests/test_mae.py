@@ -129,3 +129,26 @@ def test_pos_embeds_are_fixed_sincos(model):
     torch.testing.assert_close(sd['pos_embed'][0], get_2d_sincos_pos_embed(32, 4, cls_token=True))
     torch.testing.assert_close(sd['decoder_pos_embed'][0], get_2d_sincos_pos_embed(16, 4, cls_token=True))
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+
+
+def test_from_scratch_initialisation_is_maes():
+    """MAE's init (SPEC §1.2): every Linear xavier-uniform with zero bias (the bound sqrt(6 / (fan_in + fan_out)),
+    and a uniform's std, bound / sqrt(3)), the patch embedding xavier-uniform as a Linear over the flattened patch,
+    LayerNorms (1, 0), cls and mask tokens normal with std 0.02."""
+    torch.manual_seed(0)
+    m = models_mae.mae_vit_small_patch16()
+    linears = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) > 40
+    for n, lin in linears:
+        bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
+        w = lin.weight.detach()
+        assert w.abs().max() <= bound and float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05), n
+        assert lin.bias is None or not lin.bias.any(), n
+    pw = m.patch_embed.proj.weight.detach()  # [D, C, p, p], initialised as [D, C*p*p]
+    bound = (6 / (pw[0].numel() + pw.shape[0])) ** 0.5
+    assert pw.abs().max() <= bound and float(pw.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    for n, mod in m.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            assert (mod.weight == 1).all() and not mod.bias.any(), n
+    for t in (m.cls_token, m.mask_token):
+        assert float(t.std()) == pytest.approx(0.02, rel=0.3)

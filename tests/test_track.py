@@ -473,3 +473,15 @@ def test_ostrack_export_has_ostracks_keys_and_gives_the_same_boxes(tmp_path):
     torch.save({'model': vit.state_dict()}, vit_ckpt)
     with pytest.raises(ValueError, match='pos_embed_x'):
         export_ostrack.convert(str(vit_ckpt))
+
+
+def test_tracking_loss_weights_focal_giou_and_l1_as_ostrack():
+    """OSTrack's loss is focal + 2 x GIoU + 5 x L1 (SPEC §6.3); other weights are honoured."""
+    torch.manual_seed(0)
+    out = ostrack_test().eval()(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32), keep_ratio=1.0)
+    boxes = torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.4, 0.6, 0.2, 0.2]])
+    loss, m = tracking_loss(out, boxes)
+    torch.testing.assert_close(loss.detach(), m['focal'] + 2 * m['giou'] + 5 * m['l1'])
+    assert m['focal'] > 0 and m['giou'] > 0 and m['l1'] > 0
+    loss3, _ = tracking_loss(out, boxes, weights=(0.0, 0.0, 1.0))
+    torch.testing.assert_close(loss3.detach(), m['l1'])
