@@ -5,10 +5,12 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms
 
 from conftest import make_image_folder
+from util import datasets
 from util.data import collate_skip
 from util.datasets import build_dataset
 
@@ -137,3 +139,41 @@ def test_empty_root_names_flag_and_path(tmp_path, name):
 def test_unknown_name():
     with pytest.raises(ValueError, match='cifar100'):
         build_dataset('cifar1000', '/tmp', True, None)
+
+
+def test_transfer_datasets_take_mae_lites_splits(tmp_path, monkeypatch):
+    """The fine-grained transfer sets use the splits and label levels of MAE-Lite's transfer runs: Flowers-102 trains
+    on train + val (10 + 10 images per class), Pets on trainval with the 37 breeds, Aircraft on trainval at the 100
+    variants, Cars on its train split (196 classes; no download exists). torchvision's classes are replaced by
+    recorders, so this checks what is asked of them."""
+    calls = []
+
+    def recorder(name, size):
+        def make(root, **kw):
+            calls.append((name, {k: v for k, v in kw.items() if k not in ('transform', 'download')}))
+            return torch.utils.data.TensorDataset(torch.zeros(size))
+        return make
+
+    monkeypatch.setattr(datasets.tvd, 'Flowers102', recorder('flowers', 10))
+    monkeypatch.setattr(datasets.tvd, 'OxfordIIITPet', recorder('pets', 3))
+    monkeypatch.setattr(datasets.tvd, 'FGVCAircraft', recorder('aircraft', 3))
+    monkeypatch.setattr(datasets.tvd, 'StanfordCars', recorder('cars', 3))
+    (tmp_path / 'x').mkdir()
+    (tmp_path / 'x' / 'anything').write_text('')  # a non-empty root
+    root = str(tmp_path / 'x')
+    ds, n = build_dataset('flowers102', root, True, None)
+    assert n == 102 and len(ds) == 20 and [c[1]['split'] for c in calls] == ['train', 'val']
+    calls.clear()
+    assert build_dataset('flowers102', root, False, None)[1] == 102 and calls == [('flowers', {'split': 'test'})]
+    calls.clear()
+    assert build_dataset('pets', root, True, None)[1] == 37
+    assert build_dataset('pets', root, False, None)[1] == 37
+    assert calls == [('pets', {'split': 'trainval', 'target_types': 'category'}),
+                     ('pets', {'split': 'test', 'target_types': 'category'})]
+    calls.clear()
+    assert build_dataset('aircraft', root, True, None)[1] == 100
+    assert calls == [('aircraft', {'split': 'trainval', 'annotation_level': 'variant'})]
+    calls.clear()
+    assert build_dataset('cars', root, True, None)[1] == 196 and calls == [('cars', {'split': 'train'})]
+    with pytest.raises(ValueError, match='Stanford Cars cannot be downloaded'):
+        build_dataset('cars', root, True, None, download=True)
