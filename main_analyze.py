@@ -19,6 +19,9 @@ from the 'model' saved in our checkpoints' args (an MAE factory name maps to its
 -> vit_tiny_patch16). `recon` needs a full pre-training checkpoint (encoder + decoder, main_pretrain.py's
 checkpoint-*.pth); the other commands take any encoder (MAE, distilled, fine-tuned classifier).
 Inference only: no distributed launch, no optimizer; images are centre-cropped (the recipes' eval transform).
+Input channels (--in_chans, --mean, --std) default to those saved with the first checkpoint: 1-channel inputs are
+read as greyscale and shown in grey; inputs of other channel counts (.npy arrays) show their channel 0 in grey,
+min-max scaled per image.
 
 References:
   MAE       - He et al., CVPR 2022 (reconstruction figures; norm-pix targets).
@@ -42,16 +45,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import masking  # noqa: E402
 import models_mae  # noqa: E402
 import models_swin  # noqa: E402
 from util import analysis  # noqa: E402
-from util.args import common_parser, fill_defaults  # noqa: E402
+from util.args import channel_parser, common_parser, fill_defaults  # noqa: E402
 from util.checkpoint import load_file  # noqa: E402
-from util.data import IMG_EXTENSIONS, SafeImageFolder, build_loader, dataset_root, eval_transform  # noqa: E402
+from util.data import (IMG_EXTENSIONS, NPY_EXTENSIONS, SafeImageFolder, build_loader, channel_stats,  # noqa: E402
+                       dataset_root, eval_transform, is_array_input, read_image)
 from util.dist import resolve_device  # noqa: E402
 from util.engine import autocast  # noqa: E402
 from util.features import build_frozen_encoder, checkpoint_layout  # noqa: E402
@@ -73,8 +76,8 @@ def get_args_parser():
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def model_parser(name, help, weights_nargs=None, weights_help=None, model_help=None):
-        s = sub.add_parser(name, help=help, parents=[common_parser()], description=help)
-        s.set_defaults(output_dir='./output_analyze')
+        s = sub.add_parser(name, help=help, parents=[common_parser(), channel_parser()], description=help)
+        s.set_defaults(output_dir='./output_analyze', in_chans=None)  # None: as the checkpoint was trained
         g = s.add_argument_group(name)
         g.add_argument('--weights', '--finetune', dest='weights', nargs=weights_nargs, default=None,
                        help=weights_help or 'checkpoint to analyse, any layout util/pretrained.py loads (MAE, '
@@ -168,7 +171,8 @@ def load_encoder(path, model, args):
     """A frozen models_vit ViT (no head) with the weights of `path` ('' or None = random init), on args.device."""
     raw, sd, saved = read_checkpoint(path) if path else (None, None, {})
     name = encoder_name(model, saved, args)
-    encoder = build_frozen_encoder(name, args.input_size, state=raw, layout=checkpoint_layout(sd))
+    encoder = build_frozen_encoder(name, args.input_size, state=raw, layout=checkpoint_layout(sd),
+                                   in_chans=args.in_chans or 3)
     if not path:
         log.warning(f'{name}: no weights given, randomly initialised (a baseline)')
     return encoder.to(args.device), name
@@ -210,6 +214,9 @@ def load_masked_autoencoder(path, args):
             log.warning(f'{path}: the checkpoint does not say whether it used norm-pix targets; assuming it did '
                         '(pass --no-norm_pix_loss otherwise)')
     kwargs = dict(img_size=args.input_size, norm_pix_loss=bool(norm_pix))
+    fill_channels(args, [path])
+    if args.in_chans != 3:
+        kwargs['in_chans'] = args.in_chans
     if saved.get('depth'):
         kwargs['depth'] = saved['depth']  # e.g. a D²-MAE student with its extra block
     model = build_masked_autoencoder(name, **kwargs)
@@ -234,8 +241,26 @@ def stored_input_size(saved, sd):
     return side * proj.shape[-1]
 
 
+def fill_channels(args, paths):
+    """--in_chans, else the first checkpoint's (its saved args, else its patch-embedding weight), else 3; --mean and
+    --std, else as saved with that channel count (else the defaults of util.data.channel_stats)."""
+    saved = {}
+    if args.in_chans is None:
+        for path in [p for p in paths if p]:
+            _, sd, saved = read_checkpoint(path)
+            proj = sd.get('patch_embed.proj.weight')
+            args.in_chans = saved.get('in_chans') or (proj.shape[1] if proj is not None and proj.dim() == 4 else None)
+            if args.in_chans:
+                break
+        args.in_chans = args.in_chans or 3
+    if args.mean is None and args.std is None and len(saved.get('mean') or ()) == args.in_chans:
+        args.mean, args.std = saved['mean'], saved['std']
+
+
 def fill_input_size(args, paths):
-    """--input_size, else the first checkpoint's own input size, else the (demo) default."""
+    """--input_size, else the first checkpoint's own input size, else the (demo) default; the input channels and
+    their statistics too (`fill_channels`)."""
+    fill_channels(args, paths)
     if args.input_size is None:
         for path in paths:
             if path:
@@ -249,13 +274,14 @@ def fill_input_size(args, paths):
 
 # ------------------------------------------------------------------------------------------------- data
 
-def list_images(items):
-    """Image files from a list of files and folders (folders searched recursively, sorted)."""
+def list_images(items, extensions=IMG_EXTENSIONS):
+    """Image files (or .npy arrays: `extensions`) from a list of files and folders (folders searched recursively,
+    sorted)."""
     files = []
     for item in items:
         if os.path.isdir(item):
             for root, _, names in sorted(os.walk(item)):
-                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(extensions)]
         elif os.path.isfile(item):
             files.append(item)
         else:
@@ -268,15 +294,19 @@ def list_images(items):
 def load_images(args):
     """[N, C, H, W] normalised images for the figure commands: --images, else --num_images spread over the val
     split (evenly spaced indices, so the demo shows many different digits)."""
-    transform = eval_transform(args.input_size)
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
+    transform = eval_transform(args.input_size, mean=mean, std=std, in_chans=args.in_chans)
     if args.images:
-        files = list_images(args.images)[:args.num_images]
+        extensions = NPY_EXTENSIONS if is_array_input(args.in_chans) else IMG_EXTENSIONS
+        files = list_images(args.images, extensions)[:args.num_images]
         imgs = []
         for f in files:
-            with Image.open(f) as im:
-                imgs.append(transform(im.convert('RGB')))
+            img = read_image(f, args.in_chans)
+            if img is None:
+                raise ValueError(f'cannot read {f} as a {args.in_chans}-channel input (see the warning above)')
+            imgs.append(transform(img))
         return torch.stack(imgs).to(args.device), files
-    dataset = SafeImageFolder(dataset_root(args.data_path, 'val'), transform)
+    dataset = SafeImageFolder(dataset_root(args.data_path, 'val'), transform, args.in_chans)
     n = min(args.num_images, len(dataset))
     idx = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     items = [dataset[i] for i in idx]
@@ -286,21 +316,25 @@ def load_images(args):
 
 def val_loader(args):
     """Loader over a seeded random subset of --num_images val images (fixed order, same for every model)."""
-    dataset = SafeImageFolder(dataset_root(args.data_path, 'val'), eval_transform(args.input_size))
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
+    dataset = SafeImageFolder(dataset_root(args.data_path, 'val'),
+                              eval_transform(args.input_size, mean=mean, std=std, in_chans=args.in_chans),
+                              args.in_chans)
     n = min(args.num_images, len(dataset))
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
     subset = torch.utils.data.Subset(dataset, idx.tolist())
     return build_loader(subset, args.batch_size, args.num_workers, args.pin_mem, train=False), n
 
 
-def to_display(imgs):
-    """Normalised [N, C, H, W] -> [N, H, W, 3] floats in [0, 1] for imshow: RGB un-normalised with the ImageNet
-    statistics of the eval transform; any other channel count shows its first channel in grey, min-max scaled."""
+def to_display(imgs, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """Normalised [N, C, H, W] -> [N, H, W, 3] floats in [0, 1] for imshow: RGB, and 1-channel inputs as grey,
+    un-normalised with the `mean`/`std` of the eval transform; any other channel count (.npy inputs) shows its
+    channel 0 in grey, min-max scaled per image."""
     C = imgs.shape[1]
-    if C == 3:
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=imgs.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=imgs.device).view(1, 3, 1, 1)
-        imgs = imgs * std + mean
+    if C in (1, 3):
+        mean = torch.tensor(mean, device=imgs.device).view(1, C, 1, 1)
+        std = torch.tensor(std, device=imgs.device).view(1, C, 1, 1)
+        imgs = (imgs * std + mean).expand(-1, 3, -1, -1)  # grey: the one channel as R, G and B
     else:
         imgs = imgs[:, :1].expand(-1, 3, -1, -1)
         lo = imgs.amin(dim=(1, 2, 3), keepdim=True)
@@ -398,7 +432,7 @@ def cmd_recon(args):
     out = reconstruct(model, imgs, args.mask_ratio, args.seed)
     shown = {}
     for title, x in out['columns'].items():
-        d = to_display(x)  # [N, H, W, 3]
+        d = to_display(x, *channel_stats(args.in_chans, args.mean, args.std))  # [N, H, W, 3]
         if title == 'masked':  # removed patches in mid grey, visibly not part of the image
             m = out['pixel_mask'][:, :1].permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 1]
             d = d * (1 - m) + 0.5 * m
@@ -617,7 +651,7 @@ def cmd_rollout(args):
                     'with; the rollout still shows what the cls token draws on')
     imgs, files = load_images(args)
     maps = rollout_maps(encoder, imgs, args.head_fusion, args.discard_ratio, args)
-    shown = to_display(imgs)  # [N, H, W, 3]
+    shown = to_display(imgs, *channel_stats(args.in_chans, args.mean, args.std))  # [N, H, W, 3]
     n = imgs.shape[0]
     cols = len(maps) + 1
     fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.6), squeeze=False)

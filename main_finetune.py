@@ -61,19 +61,20 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, RandAugment, create_transform
+from timm.data import Mixup, RandAugment, RandomResizedCropAndInterpolation, create_transform
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
+from torchvision import transforms
 
 import models_hiera
 import models_pvt
 import models_swin
 import models_vit
 from util import dist
-from util.args import common_parser, fill_defaults, resolve_lr
+from util.args import channel_parser, common_parser, fill_defaults, require_rgb, resolve_lr
 from util.checkpoint import load_file, resume, resume_path, unwrap_model
-from util.data import build_loader, eval_transform
+from util.data import build_loader, channel_stats, eval_transform, is_array_input
 from util.datasets import DATASETS, build_dataset
 from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.evaluate import evaluate
@@ -114,7 +115,7 @@ DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=32, crop_pct=1.0, batch
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('ViT fine-tuning', parents=[common_parser()])
+    p = argparse.ArgumentParser('ViT fine-tuning', parents=[common_parser(), channel_parser()])
     p.set_defaults(min_lr=None)  # the recipe's (1e-6 fine-tune, 0 transfer)
     g = p.add_argument_group('recipe')
     g.add_argument('--recipe', default='ml_improved', choices=sorted(RECIPES),
@@ -198,14 +199,27 @@ def get_args_parser():
 
 
 def build_transform(train, args):
-    """Training: timm's RandomResizedCrop + flip (+ RandAugment, random erasing); evaluation: resize + centre crop."""
+    """Training: timm's RandomResizedCrop + flip (+ RandAugment, random erasing); evaluation: resize + centre crop.
+    .npy inputs (--in_chans other than 1 and 3) are tensors: crop, flip, normalise (+ random erasing) on them."""
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
     if not train:
-        return eval_transform(args.input_size, args.crop_pct, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        return eval_transform(args.input_size, args.crop_pct, mean, std, args.in_chans)
+    if is_array_input(args.in_chans):
+        if args.aa not in (None, 'none') or args.color_jitter:
+            raise ValueError(f'--aa and --color_jitter work on RGB/greyscale images; with --in_chans {args.in_chans} '
+                             '(.npy inputs) pass --aa none and no --color_jitter')
+        steps = [RandomResizedCropAndInterpolation(args.input_size, scale=(args.min_crop_scale, 1.0),
+                                                   interpolation='bicubic'),
+                 transforms.RandomHorizontalFlip(args.hflip), transforms.Normalize(mean, std)]
+        if args.reprob > 0:  # torchvision's: 'pixel' mode fills with normal noise, as timm's does
+            value = 'random' if args.remode == 'pixel' else 0
+            steps += [transforms.RandomErasing(args.reprob, value=value) for _ in range(args.recount)]
+        return transforms.Compose(steps)
     transform = create_transform(args.input_size, is_training=True, scale=(args.min_crop_scale, 1.0),
                                  hflip=args.hflip, color_jitter=args.color_jitter,
                                  auto_augment=None if args.aa in (None, 'none') else args.aa, interpolation='bicubic',
                                  re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                                 mean=mean, std=std)
     for t in transform.transforms:
         if isinstance(t, RandAugment):
             for op in t.ops:
@@ -252,11 +266,11 @@ def build_teacher(args):
     keys = strip_prefixes(unwrap_state_dict(raw))
     if is_vit(args.teacher_model):
         teacher = models_vit.create_model(args.teacher_model, img_size=args.input_size, num_classes=args.nb_classes,
-                                          global_pool='avg' if 'fc_norm.weight' in keys else 'token',
-                                          distilled='dist_token' in keys)
+                                          in_chans=args.in_chans, distilled='dist_token' in keys,
+                                          global_pool='avg' if 'fc_norm.weight' in keys else 'token')
     else:
         try:
-            teacher = timm.create_model(args.teacher_model, num_classes=args.nb_classes)
+            teacher = timm.create_model(args.teacher_model, num_classes=args.nb_classes, in_chans=args.in_chans)
         except RuntimeError as e:
             raise ValueError(f'--teacher_model {args.teacher_model!r} is neither a models_vit factory '
                              f'({", ".join(sorted(models_vit.MODELS))}) nor a timm model: {e}') from None
@@ -292,11 +306,11 @@ def main(args):
     seed_everything(args.seed + args.rank)
 
     dataset_val, nb_classes = build_dataset(args.dataset, args.data_path, False, build_transform(False, args),
-                                            args.download)
+                                            args.download, args.in_chans)
     loader_val = build_loader(dataset_val, args.batch_size, args.num_workers, args.pin_mem, train=False)
     if not args.eval:
         dataset_train, nb_train = build_dataset(args.dataset, args.data_path, True, build_transform(True, args),
-                                                args.download)
+                                                args.download, args.in_chans)
         nb_classes = max(nb_classes, nb_train)
         loader_train = build_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, train=True,
                                     seed=args.seed)
@@ -317,11 +331,13 @@ def main(args):
         if args.global_pool != 'avg' or args.rpe:
             raise ValueError(f'{args.model}: Swin and PVT pool by average (--global_pool avg) and have their own '
                              'positions (no --rpe)')
+        require_rgb(args, 'Swin/PVT')
         model = pyramid.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                                      fc_norm=True, drop_path_rate=args.drop_path)
     elif models_hiera.has_model(args.model):  # timm's Hiera classifier: mean of the last stage, head.norm, head.fc
         if args.global_pool != 'avg' or args.rpe:
             raise ValueError(f'{args.model}: Hiera pools by average (--global_pool avg) and has no --rpe')
+        require_rgb(args, 'Hiera')
         model = models_hiera.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                                           drop_path_rate=args.drop_path)
     else:
@@ -329,8 +345,8 @@ def main(args):
         distilled = args.distillation_type != 'none' or (args.eval and has_dist_token(resume_path(args) or
                                                                                        args.finetune))
         model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                                        global_pool=args.global_pool, drop_path_rate=args.drop_path,
-                                        distilled=distilled, **rpe)
+                                        in_chans=args.in_chans, global_pool=args.global_pool,
+                                        drop_path_rate=args.drop_path, distilled=distilled, **rpe)
     start_from = resume_path(args)
     if args.finetune and not args.eval and not start_from:
         info = load_pretrained(model, args.finetune)

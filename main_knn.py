@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from util import dist
-from util.args import common_parser, fill_defaults
+from util.args import channel_parser, common_parser, fill_defaults
 from util.checkpoint import atomic_save
-from util.data import SafeImageFolder, build_loader, dataset_root, eval_transform, num_classes
+from util.data import SafeImageFolder, build_loader, channel_stats, dataset_root, eval_transform, num_classes
 from util.engine import autocast
 from util.evaluate import shard_len
 from util.features import (build_frozen_encoder, check_feature, check_probe_args, checkpoint_layout,
@@ -45,7 +45,7 @@ DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=32, batch_size=128)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('k-NN evaluation', parents=[common_parser()])
+    p = argparse.ArgumentParser('k-NN evaluation', parents=[common_parser(), channel_parser()])
     g = p.add_argument_group('k-NN')
     g.add_argument('--model', default=None,
                    help=f'ViT factory in models_vit.py (default {DEFAULTS["model"]}; {DEMO_DEFAULTS["model"]} on '
@@ -129,7 +129,8 @@ def cached_features(encoder, loader, args, split):
     finetune = os.path.abspath(args.finetune) if args.finetune else ''
     meta = dict(model=args.model, finetune=finetune,
                 finetune_mtime=os.path.getmtime(finetune) if finetune else 0.0, feature=args.feature,
-                input_size=args.input_size, root=os.path.abspath(loader.dataset.root), n=len(loader.dataset))
+                input_size=args.input_size, root=os.path.abspath(loader.dataset.root), n=len(loader.dataset),
+                in_chans=args.in_chans, mean=args.mean, std=args.std)
     path = os.path.join(args.feature_cache, f'{split}.pth')
     if os.path.isfile(path):
         cache = torch.load(path, map_location='cpu', weights_only=True)
@@ -150,16 +151,17 @@ def main(args):
     fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
     seed_everything(args.seed + args.rank)
 
-    transform = eval_transform(args.input_size)
-    train_set = SafeImageFolder(dataset_root(args.data_path, 'train'), transform)
-    val_set = SafeImageFolder(dataset_root(args.data_path, 'val'), transform)
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
+    transform = eval_transform(args.input_size, mean=mean, std=std, in_chans=args.in_chans)
+    train_set = SafeImageFolder(dataset_root(args.data_path, 'train'), transform, args.in_chans)
+    val_set = SafeImageFolder(dataset_root(args.data_path, 'val'), transform, args.in_chans)
     args.nb_classes = num_classes(train_set, val_set, args.nb_classes)
     train_loader = build_loader(train_set, args.batch_size, args.num_workers, args.pin_mem, train=False)
     val_loader = build_loader(val_set, args.batch_size, args.num_workers, args.pin_mem, train=False)
 
     state = read_state_dict(args.finetune) if args.finetune else None
     layout = checkpoint_layout(state)
-    encoder = build_frozen_encoder(args.model, args.input_size, state, layout).to(args.device)
+    encoder = build_frozen_encoder(args.model, args.input_size, state, layout, args.in_chans).to(args.device)
     check_probe_args(encoder, args.feature, None)
     check_feature(layout, args.feature, args.finetune)
     log.info(f'{args.model} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M), feature {args.feature!r}; '

@@ -35,9 +35,10 @@ from timm.layers import trunc_normal_
 from torchvision import transforms
 
 from util import dist
-from util.args import common_parser, fill_defaults, resolve_lr
+from util.args import channel_parser, common_parser, fill_defaults, resolve_lr
 from util.checkpoint import load_file, resume, resume_path
-from util.data import SafeImageFolder, build_loader, dataset_root, eval_transform, num_classes
+from util.data import (SafeImageFolder, build_loader, channel_stats, dataset_root, eval_transform, num_classes,
+                       to_tensor_steps)
 from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.evaluate import evaluate
 from util.features import (build_frozen_encoder, check_feature, check_probe_args, checkpoint_layout,
@@ -60,7 +61,7 @@ DEMO_DEFAULTS = dict(model='vit_demo_patch4', input_size=32, batch_size=64, epoc
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Linear probe', parents=[common_parser()])
+    p = argparse.ArgumentParser('Linear probe', parents=[common_parser(), channel_parser()])
     g = p.add_argument_group('linear probe')
     g.add_argument('--model', default=None,
                    help=f'ViT factory in models_vit.py (default {DEFAULTS["model"]}; {DEMO_DEFAULTS["model"]} on '
@@ -87,14 +88,15 @@ def get_args_parser():
     return p
 
 
-def train_transform(input_size, min_scale=0.08, hflip=True):
-    """The official MAE probe's augmentation: RandomResizedCrop(scale=(min_scale, 1), bicubic) + flip."""
+def train_transform(input_size, min_scale=0.08, hflip=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    in_chans=3):
+    """The official MAE probe's augmentation: RandomResizedCrop(scale=(min_scale, 1), bicubic) + flip (on PIL
+    images, or on the tensors of .npy inputs)."""
     t = [transforms.RandomResizedCrop(input_size, scale=(min_scale, 1.0),
                                       interpolation=transforms.InterpolationMode.BICUBIC)]
     if hflip:
         t.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(t + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN,
-                                                                              IMAGENET_DEFAULT_STD)])
+    return transforms.Compose(t + to_tensor_steps(in_chans) + [transforms.Normalize(mean, std)])
 
 
 class LinearProbe(nn.Module):
@@ -140,9 +142,12 @@ def main(args):
     fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
     seed_everything(args.seed + args.rank)
 
-    train_set = SafeImageFolder(dataset_root(args.data_path, 'train'),
-                                train_transform(args.input_size, args.min_crop_scale, args.hflip))
-    val_set = SafeImageFolder(dataset_root(args.data_path, 'val'), eval_transform(args.input_size))
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
+    train_set = SafeImageFolder(dataset_root(args.data_path, 'train'), train_transform(
+        args.input_size, args.min_crop_scale, args.hflip, mean, std, args.in_chans), in_chans=args.in_chans)
+    val_set = SafeImageFolder(dataset_root(args.data_path, 'val'),
+                              eval_transform(args.input_size, mean=mean, std=std, in_chans=args.in_chans),
+                              in_chans=args.in_chans)
     args.nb_classes = num_classes(train_set, val_set, args.nb_classes)
     train_loader = build_loader(train_set, args.batch_size, args.num_workers, args.pin_mem, train=True,
                                 seed=args.seed)
@@ -153,7 +158,7 @@ def main(args):
 
     state = read_state_dict(args.finetune) if args.finetune else None
     layout = encoder_layout(args, state)
-    encoder = build_frozen_encoder(args.model, args.input_size, state, layout)
+    encoder = build_frozen_encoder(args.model, args.input_size, state, layout, args.in_chans)
     if args.finetune or not resume_path(args):
         check_feature(layout if args.finetune else None, args.feature, args.finetune)
     model = LinearProbe(encoder, args.nb_classes, args.feature, args.probe_layer).to(args.device)

@@ -38,9 +38,9 @@ import models_mae
 import models_pvt
 import models_swin
 from util import dist, gpu_data
-from util.args import common_parser, fill_defaults, resolve_lr
+from util.args import channel_parser, common_parser, fill_defaults, require_rgb, resolve_lr
 from util.checkpoint import resume, unwrap_model
-from util.data import SafeImageFolder, build_loader, dataset_root, pretrain_transform
+from util.data import SafeImageFolder, build_loader, channel_stats, dataset_root, pretrain_transform
 from util.engine import end_epoch, end_training, make_scaler, train_one_epoch
 from util.logger import make_tb_writer, setup_logging
 from util.optim import adamw
@@ -78,7 +78,7 @@ def swin_defaults(model):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('MAE pre-training', parents=[common_parser()])
+    p = argparse.ArgumentParser('MAE pre-training', parents=[common_parser(), channel_parser()])
     g = p.add_argument_group('MAE')
     g.add_argument('--model', default=None,
                    help=f'MAE factory in models_mae.py (default {DEFAULTS["model"]}; short names like mae_vit_tiny '
@@ -133,10 +133,18 @@ def main(args):
     if hiera and args.mask_ratio is None:
         args.mask_ratio = 0.4
     fill_defaults(args, DEFAULTS, DEMO_DEFAULTS)
+    if swin or hiera:
+        require_rgb(args, 'Hiera' if hiera else 'Swin/PVT')
+    mean, std = channel_stats(args.in_chans, args.mean, args.std)
+    if args.in_chans != 3:  # the GPU decoder (util/gpu_data.py) decodes RGB JPEGs only
+        if args.decode == 'gpu':
+            raise ValueError(f'--decode gpu decodes RGB images; --in_chans {args.in_chans} needs --decode cpu')
+        args.decode = 'cpu'
     seed_everything(args.seed + args.rank)
 
     root = dataset_root(args.data_path, 'train')
-    dataset = SafeImageFolder(root, pretrain_transform(args.input_size, args.min_crop_scale, args.interpolation))
+    dataset = SafeImageFolder(root, pretrain_transform(args.input_size, args.min_crop_scale, args.interpolation,
+                                                       mean, std, args.in_chans), in_chans=args.in_chans)
     loader = build_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, train=True, seed=args.seed)
     if len(loader) == 0:
         raise ValueError(f'{root} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
@@ -151,9 +159,9 @@ def main(args):
         create = models_pvt.create_model if models_pvt.has_model(args.model) else models_swin.create_model
         model = create(args.model, img_size=args.input_size, drop_path_rate=args.drop_path, **mae_kw).to(args.device)
     else:
-        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                        drop_path_rate=args.drop_path, mask_type=args.mask_type,
-                                        vis_mask_ratio=args.vis_mask_ratio).to(args.device)
+        model = models_mae.create_model(args.model, img_size=args.input_size, in_chans=args.in_chans,
+                                        norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path,
+                                        mask_type=args.mask_type, vis_mask_ratio=args.vis_mask_ratio).to(args.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_without_ddp = model
     loader = gpu_data.pretrain_loader(args, dataset, loader, model)  # --decode

@@ -60,6 +60,31 @@ def common_parser():
     return p
 
 
+def channel_parser():
+    """--in_chans, --mean, --std: the input channels and their normalisation, for the recipes that read images into
+    a ViT (pre-training, fine-tuning, linear probe, k-NN, analysis). util.data.channel_stats checks them."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group('input channels')
+    g.add_argument('--in_chans', type=int, default=3,
+                   help='input channels (models_vit / models_mae ViTs; Swin, PVT and Hiera take 3): 3 = RGB images '
+                        '(default); 1 = the same image files read as greyscale; any other count = the class folders '
+                        'hold .npy arrays of shape [H, W, in_chans] (uint8, scaled to [0, 1], or float, as stored)')
+    g.add_argument('--mean', type=float, nargs='+', default=None,
+                   help='per-channel normalisation mean, one value per input channel (default: ImageNet\'s for 3 '
+                        'channels, their average 0.449 for 1; required for any other --in_chans)')
+    g.add_argument('--std', type=float, nargs='+', default=None,
+                   help='per-channel normalisation std, one value per input channel (default: ImageNet\'s for 3 '
+                        'channels, their average 0.226 for 1; required for any other --in_chans)')
+    return p
+
+
+def require_rgb(args, kind):
+    """Raise when --in_chans is not 3 for a `kind` of model that is only wired for RGB inputs here."""
+    if getattr(args, 'in_chans', 3) != 3:
+        raise ValueError(f'--in_chans {args.in_chans}: only the ViTs of models_vit.py / models_mae.py take other '
+                         f'channel counts; --model {args.model} is a {kind} (use --in_chans 3)')
+
+
 def resolve_lr(args):
     """lr = blr * effective batch / 256 unless --lr was given. Sets args.eff_batch_size and args.lr."""
     args.eff_batch_size = args.batch_size * args.accum_iter * args.world_size

@@ -1,4 +1,5 @@
-"""Datasets, transforms and loaders: a corruption-tolerant ImageFolder and the embedded demo data.
+"""Datasets, transforms and loaders: a corruption-tolerant ImageFolder (RGB, greyscale or .npy arrays of any channel
+count, `--in_chans`) and the embedded demo data.
 
 References: MAE (pre-training transforms), MAE-Lite (random-interpolation crops), torchvision ImageFolder.
 The demo data are scikit-learn's 1,797 handwritten digits (UCI, 8x8 grey), upscaled and written once as an
@@ -10,6 +11,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandomResizedCropAndInterpolation
@@ -19,26 +21,66 @@ from util.dist import get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+NPY_EXTENSIONS = ('.npy',)  # what the class folders hold for --in_chans other than 1 and 3
 DEMO_SIZE = 32  # digits are upscaled from 8x8 to this
+# Greyscale (--in_chans 1) default: the average of ImageNet's three channel statistics
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)
+
+
+def is_array_input(in_chans):
+    """Whether `in_chans` inputs are read from .npy arrays (tensors) rather than image files (PIL)."""
+    return in_chans not in (1, 3)
+
+
+def channel_stats(in_chans=3, mean=None, std=None):
+    """The per-channel normalisation of `in_chans` inputs: `mean`/`std` (--mean/--std) when given, else ImageNet's
+    for 3 channels and GREY_MEAN/GREY_STD for 1. Any other channel count has no default.
+
+    Returns: (mean, std), tuples of in_chans floats. Raises ValueError naming the flags when they are missing, of the
+    wrong length, or given one without the other."""
+    if in_chans < 1:
+        raise ValueError(f'--in_chans must be at least 1, got {in_chans}')
+    if (mean is None) != (std is None):
+        raise ValueError('--mean and --std go together: pass both (one value per input channel) or neither')
+    if mean is None:
+        defaults = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), 1: (GREY_MEAN, GREY_STD)}
+        if in_chans not in defaults:
+            raise ValueError(f'--in_chans {in_chans} has no default normalisation: pass the per-channel statistics '
+                             f'of your data with --mean and --std, {in_chans} values each')
+        return tuple(defaults[in_chans][0]), tuple(defaults[in_chans][1])
+    for flag, values in (('--mean', mean), ('--std', std)):
+        if len(values) != in_chans:
+            raise ValueError(f'{flag} has {len(values)} values; --in_chans {in_chans} needs one per channel')
+    if any(s <= 0 for s in std):
+        raise ValueError(f'--std must be positive, got {list(std)}')
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def to_tensor_steps(in_chans):
+    """[ToTensor()] for image files (PIL), [] for .npy inputs, which are tensors already."""
+    return [] if is_array_input(in_chans) else [transforms.ToTensor()]
 
 
 def pretrain_transform(input_size, min_scale=0.08, interpolation='random', mean=IMAGENET_DEFAULT_MEAN,
-                       std=IMAGENET_DEFAULT_STD):
+                       std=IMAGENET_DEFAULT_STD, in_chans=3):
     """RandomResizedCrop(scale=(min_scale, 1)) + horizontal flip + normalise. MAE-Lite: (0.08, 'random');
-    official MAE: (0.2, 'bicubic')."""
+    official MAE: (0.2, 'bicubic'). The same steps run on the [C, H, W] tensors of .npy inputs (`in_chans` not 1
+    or 3)."""
     return transforms.Compose([
         RandomResizedCropAndInterpolation(input_size, scale=(min_scale, 1.0), interpolation=interpolation),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
+        *to_tensor_steps(in_chans),
         transforms.Normalize(mean, std)])
 
 
-def eval_transform(input_size, crop_pct=224 / 256, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """Resize the shorter side to input_size / crop_pct (bicubic), centre-crop input_size, normalise."""
+def eval_transform(input_size, crop_pct=224 / 256, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                   in_chans=3):
+    """Resize the shorter side to input_size / crop_pct (bicubic), centre-crop input_size, normalise (on PIL
+    images, or on the [C, H, W] tensors of .npy inputs)."""
     return transforms.Compose([
         transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
+        *to_tensor_steps(in_chans),
         transforms.Normalize(mean, std)])
 
 
@@ -53,20 +95,48 @@ def read_rgb(path):
         return None
 
 
+def read_image(path, in_chans=3):
+    """The input at `path` for `in_chans` channels, or None (with a warning naming the file) when it cannot be read
+    or has another channel count.
+
+    Returns: an RGB PIL image (in_chans 3, `read_rgb`), a greyscale 'L' PIL image (1), else a float tensor
+    [C, H, W] from an .npy array [H, W, C]: uint8 scaled to [0, 1] as ToTensor does, floats as stored."""
+    if in_chans == 3:
+        return read_rgb(path)
+    try:
+        if in_chans == 1:
+            with open(path, 'rb') as f:
+                return Image.open(f).convert('L')
+        arr = np.load(path, allow_pickle=False)  # [H, W, C]
+    except (OSError, ValueError, SyntaxError) as e:
+        log.warning(f'skipping unreadable file {path}: {type(e).__name__}: {e}')
+        return None
+    if arr.ndim != 3 or arr.shape[2] != in_chans or not (arr.dtype == np.uint8 or arr.dtype.kind == 'f'):
+        log.warning(f'skipping {path}: array {arr.dtype} {list(arr.shape)}, expected [H, W, {in_chans}] uint8 or '
+                    f'float (--in_chans {in_chans})')
+        return None
+    img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # [C, H, W]
+    return img.float().div_(255) if arr.dtype == np.uint8 else img.float()
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that never crashes on a bad file.
 
     Files without an image extension are left out when indexing (`self.non_images` lists them); an image that
     cannot be decoded is returned as None, which `collate_skip` drops and counts, with a warning naming the file.
+    `in_chans` 1 reads the images as greyscale; any count but 1 and 3 indexes .npy files instead of images, and an
+    array of another channel count counts as unreadable (`read_image`).
     """
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, in_chans=3):
         if not os.path.isdir(root):
             raise FileNotFoundError(f'data folder not found: {root}')
         non_images = []
+        self.in_chans = in_chans
+        extensions = NPY_EXTENSIONS if is_array_input(in_chans) else IMG_EXTENSIONS
 
         def is_image(path):
-            ok = path.lower().endswith(IMG_EXTENSIONS)
+            ok = path.lower().endswith(extensions)
             if not ok:
                 non_images.append(path)
             return ok
@@ -78,7 +148,7 @@ class SafeImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = read_rgb(path)
+        img = read_image(path, self.in_chans)
         if img is None:
             return None
         if self.transform is not None:

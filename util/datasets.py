@@ -131,18 +131,18 @@ def _torchvision(name, root, download, make):
                                 'for the expected layout, or pass --download') from None
 
 
-def _folder(name, root, train, transform, download):
+def _folder(name, root, train, transform, download, in_chans=3):
     split = os.path.join(root, 'train' if train else 'val')
     if not os.path.isdir(split):
         raise FileNotFoundError(f'dataset {name!r}: {ROOT_FLAG} {root} has no {"train" if train else "val"}/ '
                                 f'folder ({split}); expected an ImageNet-style root/train/<class>/ and '
                                 'root/val/<class>/')
-    ds = SafeImageFolder(split, transform)
+    ds = SafeImageFolder(split, transform, in_chans)
     return ds, len(ds.classes)
 
 
-def _demo(name, root, train, transform, download):
-    ds = SafeImageFolder(os.path.join(demo_root(), 'train' if train else 'val'), transform)
+def _demo(name, root, train, transform, download, in_chans=3):
+    ds = SafeImageFolder(os.path.join(demo_root(), 'train' if train else 'val'), transform, in_chans)
     return ds, len(ds.classes)
 
 
@@ -209,19 +209,25 @@ DATASETS = {'imagenet': _folder, 'folder': _folder, 'demo': _demo, 'cifar10': _c
             'flowers102': _flowers, 'pets': _pets, 'aircraft': _aircraft, 'cars': _cars, 'inat': _inat}
 
 
-def build_dataset(name, root, train, transform, download=False):
+def build_dataset(name, root, train, transform, download=False, in_chans=3):
     """A classification dataset by name.
 
     Args:
         name: one of DATASETS ('demo' ignores root).
         root: the local folder (`--data_path`); missing -> FileNotFoundError naming the flag and the path.
         train: the training split (True) or the evaluation split (False).
-        transform: applied to each PIL image.
+        transform: applied to each PIL image (each [C, H, W] tensor for .npy inputs).
         download: fetch through torchvision when absent (never otherwise).
+        in_chans: input channels (--in_chans); other than 3 only for the folder layouts (`SafeImageFolder`).
     Returns: (dataset of (image, int target) items, number of classes).
     """
     if name not in DATASETS:
         raise ValueError(f'unknown dataset {name!r}; valid names: {", ".join(sorted(DATASETS))}')
     if name != 'demo':
         _check_root(name, root, download)
+    if in_chans != 3:
+        if DATASETS[name] not in (_folder, _demo):
+            raise ValueError(f'--in_chans {in_chans}: only the folder layouts (folder, imagenet, demo) read other '
+                             f'channel counts; --dataset {name} is RGB')
+        return DATASETS[name](name, root, train, transform, download, in_chans=in_chans)
     return DATASETS[name](name, root, train, transform, download)

@@ -62,15 +62,19 @@ def check_feature(layout, feature, source=''):
         log.info(f'{src}encoder-only weights; MAE-family encoders are officially probed on the cls token')
 
 
-def build_frozen_encoder(name, img_size, state=None, layout=None):
+def build_frozen_encoder(name, img_size, state=None, layout=None, in_chans=3):
     """A models_vit ViT (or models_swin Swin) with no head, weights loaded from `state` (a state dict, via
     util.pretrained), every parameter frozen, in eval mode. With `layout == 'avg'` the encoder keeps the
-    checkpoint's trained `fc_norm` (and has no `norm`); otherwise it has the final `norm` and no `fc_norm` at all."""
+    checkpoint's trained `fc_norm` (and has no `norm`); otherwise it has the final `norm` and no `fc_norm` at all.
+    `in_chans` input channels (ViTs only; Swin and PVT take 3)."""
     pyramid = models_swin if models_swin.has_model(name) else models_pvt if models_pvt.has_model(name) else None
     if pyramid is not None:  # Swin / PVT: the GAP feature, with the checkpoint's fc_norm when GAP-fine-tuned
+        if in_chans != 3:
+            raise ValueError(f'--in_chans {in_chans}: only the ViTs of models_vit.py take other channel counts; '
+                             f'{name} is a Swin/PVT (use --in_chans 3)')
         encoder = pyramid.create_model(name, img_size=img_size, num_classes=0, fc_norm=layout == 'avg')
     else:
-        encoder = models_vit.create_model(name, img_size=img_size, num_classes=0,
+        encoder = models_vit.create_model(name, img_size=img_size, num_classes=0, in_chans=in_chans,
                                           global_pool='avg' if layout == 'avg' else 'token')
     if state is not None:
         load_pretrained(encoder, state)

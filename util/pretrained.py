@@ -204,7 +204,8 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
 
     The head is dropped when its shape differs and re-initialised (trunc-normal `head_init_std`, bias 0); the
     report of missing / unexpected / shape-mismatched keys is logged. Raises KeyError naming the keys when an
-    essential weight (anything but head, fc_norm, relative-position tables, LayerScale) is missing.
+    essential weight (anything but head, fc_norm, relative-position tables, LayerScale) is missing or stored with
+    another shape (with both shapes, and the --in_chans to use when the patch embedding's input channels differ).
     Returns: dict(missing=[...], unexpected=[...], mismatched=[...], notes=[...], source=state dict as stored).
     """
     name = path_or_state if isinstance(path_or_state, str) else '<state dict>'
@@ -214,6 +215,7 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
     notes += [f'block {i} rebuilt with {h} heads, as pre-trained' for i, h in changed]
     target = model.state_dict()
     mismatched = [k for k in sd if k in target and sd[k].shape != target[k].shape]
+    shapes = {k: (tuple(sd[k].shape), tuple(target[k].shape)) for k in mismatched}
     for k in mismatched:
         notes.append(f'{k}: shape {tuple(sd[k].shape)} in the checkpoint, {tuple(target[k].shape)} in the model; '
                      'not loaded')
@@ -221,6 +223,16 @@ def load_pretrained(model, path_or_state, head_init_std=2e-5, keep_decoder=False
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith('relative_position_index')]
     essential = [k for k in missing if not OPTIONAL.match(k)]
+    wrong_shape = [k for k in essential if k in shapes]  # stored, but for another architecture
+    if wrong_shape:  # never a silent fresh start for an essential weight (e.g. the patch embedding)
+        detail = '; '.join(f'{k}: {shapes[k][0]} in the checkpoint, {shapes[k][1]} in the model'
+                           for k in wrong_shape[:4])
+        proj = shapes.get('patch_embed.proj.weight')
+        hint = ''
+        if proj and len(proj[0]) == 4 and proj[0][1] != proj[1][1]:
+            hint = (f' The checkpoint takes {proj[0][1]}-channel inputs and the model {proj[1][1]}: build the model '
+                    f'with --in_chans {proj[0][1]}, or use a checkpoint pre-trained with --in_chans {proj[1][1]}.')
+        raise KeyError(f'{name}: essential weights of the wrong shape: {detail}.{hint}')
     if essential:
         raise KeyError(f'{name}: essential weights missing from the checkpoint: {essential[:8]}'
                        f'{" ..." if len(essential) > 8 else ""} ({len(essential)} in all). Is it for this model?')
