@@ -271,9 +271,9 @@ class Bench:
         _sync(self.device)
         return time.perf_counter() - t0
 
-    def count_flops(self):
-        """FLOPs of one forward + backward (matmuls, convolutions and attention, which is counted through its
-        math form), measured once with torch's FlopCounterMode on the uncompiled module."""
+    def flop_counter(self):
+        """torch's FlopCounterMode over one forward + backward of the uncompiled module, attention in its math form
+        (so it is counted as the batched matmuls it is)."""
         compiled, self.net = self.net, getattr(self.net, '_orig_mod', self.net)
         try:
             with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -281,7 +281,11 @@ class Bench:
         finally:
             self.net = compiled
             self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        return counter
+
+    def count_flops(self):
+        """FLOPs of one forward + backward (matmuls, convolutions and attention)."""
+        return self.flop_counter().get_total_flops()
 
     def result(self):
         cfg, ms = self.cfg, statistics.median(self.times) * 1e3
@@ -347,13 +351,7 @@ def profile_breakdown(bench, steps):
     with their FLOPs and rate, attention (SDPA kernels and batched matmuls; FLOPs of its math form, as
     `count_flops`), and everything else with its ten largest ops. Profiler overhead (~10 us per op) is in 'other'."""
     from torch.profiler import ProfilerActivity, profile
-    compiled, bench.net = bench.net, getattr(bench.net, '_orig_mod', bench.net)
-    try:
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            bench.loss().backward()
-    finally:
-        bench.net = compiled
-        bench.opt.zero_grad(set_to_none=True)
+    counter = bench.flop_counter()
     flops = {f'aten::{str(k).split(".")[-1]}': v for k, v in counter.get_flop_counts()['Global'].items()}
     gemm_flops = sum(v for k, v in flops.items() if k in GEMM_OPS)
     attn_flops = sum(v for k, v in flops.items() if k in ATTENTION_OPS)

@@ -1,7 +1,6 @@
 """--in_chans end to end (SPEC §1.1): greyscale PNG folders and 13-channel .npy folders through pre-training,
 fine-tuning and the reconstruction figure; the errors for missing statistics, wrong-channel files and a checkpoint
 of another channel count."""
-import json
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
+from test_finetune import read_log
 from util.data import GREY_MEAN, GREY_STD, SafeImageFolder, channel_stats, collate_skip
 from util.pretrained import load_pretrained
 
@@ -45,11 +45,6 @@ def make_npy_folder(root, chans=13, n_per_class=8, size=40, bad=()):
             name = f'{c}{i:03d}.npy'
             np.save(os.path.join(d, name), rng.random((size, size, 3 if name in bad else chans), dtype=np.float32))
     return str(root)
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.txt')) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope='module')
